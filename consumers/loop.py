@@ -1,0 +1,505 @@
+"""The consumer loop: the only code that acks, retries or parks a message.
+
+A window is whatever the prefetch has already delivered. It is applied in one database
+transaction with a savepoint per message (dedup row + handler effects + outbox rows), the
+transaction commits, the messages to park or retry are republished with confirms, and only
+then is the window acked with one `basic_ack(multiple=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pydantic import ValidationError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from consumers.schemas import Command, describe_errors
+from domain import names as n
+from domain.errors import ParkCommand, Refusal, RejectCode
+from logs import message_context
+from settings import Settings, format_duration
+from store.db import is_transient
+from store.uow import Envelope, UnitOfWork
+
+log = logging.getLogger("consumer")
+
+Handler = Callable[[Any, UnitOfWork], None]
+RefusalAnnouncer = Callable[[Any, Refusal, UnitOfWork], None]
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one routing key is handled: its schema, its handler and how a refusal is announced."""
+
+    schema: type[Command]
+    handler: Handler
+    refuse: RefusalAnnouncer | None = None
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """One consumer queue: its routes, the bindings that fill it, and an optional periodic job."""
+
+    queue: str
+    routes: Mapping[str, Route]
+    bindings: tuple[tuple[str, str], ...]
+    periodic: Callable[[Engine, Settings], None] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and validation (pure: no I/O)
+
+
+@dataclass
+class Delivery:
+    """A message as delivered, with the routing key and exchange it originally had."""
+
+    tag: int
+    routing_key: str
+    exchange: str
+    properties: pika.BasicProperties
+    body: bytes
+    redelivered: bool = False
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self.properties.headers or {})
+
+    @property
+    def attempts(self) -> int:
+        value = self.headers.get(n.ATTEMPTS_HEADER, 0)
+        return value if isinstance(value, int) else 0
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id or None
+
+
+@dataclass
+class Parsed:
+    delivery: Delivery
+    command: Command | None = None
+    raw: dict[str, Any] | None = None
+    rejection: tuple[str, str] | None = None  # (code, readable reason)
+
+
+def _original_routing_key(method_key: str, headers: Mapping[str, Any]) -> str:
+    value = headers.get(n.ORIGINAL_ROUTING_KEY_HEADER)
+    return value if isinstance(value, str) else method_key
+
+
+def _original_exchange(method_exchange: str, headers: Mapping[str, Any]) -> str:
+    value = headers.get(n.ORIGINAL_EXCHANGE_HEADER)
+    return value if isinstance(value, str) else method_exchange
+
+
+def make_delivery(method: Any, properties: pika.BasicProperties, body: bytes) -> Delivery:
+    headers = properties.headers or {}
+    return Delivery(
+        tag=method.delivery_tag,
+        routing_key=_original_routing_key(method.routing_key, headers),
+        exchange=_original_exchange(method.exchange, headers),
+        properties=properties,
+        body=body,
+        redelivered=bool(method.redelivered),
+    )
+
+
+def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
+    """Check a delivery against the contract; a failure carries a code and a readable reason."""
+
+    def reject(code: str, reason: str) -> Parsed:
+        return Parsed(delivery, rejection=(code, reason))
+
+    props = delivery.properties
+    if not delivery.message_id:
+        return reject(RejectCode.MISSING_MESSAGE_ID, "the message has no message_id property")
+    if len(delivery.body) > n.MAX_BODY_BYTES:
+        return reject(
+            RejectCode.BODY_TOO_LARGE,
+            f"body is {len(delivery.body)} bytes, over the limit of {n.MAX_BODY_BYTES}",
+        )
+    if props.content_type and props.content_type.split(";")[0].strip().lower() != "application/json":
+        return reject(
+            RejectCode.UNSUPPORTED_CONTENT_TYPE,
+            f"content_type {props.content_type!r} is not application/json",
+        )
+    version = delivery.headers.get(n.SCHEMA_VERSION_HEADER, n.SCHEMA_VERSION)
+    if type(version) is not int or version != n.SCHEMA_VERSION:
+        return reject(
+            RejectCode.UNSUPPORTED_SCHEMA_VERSION,
+            f"{n.SCHEMA_VERSION_HEADER} is {version!r}; only {n.SCHEMA_VERSION} is supported",
+        )
+    route = routes.get(delivery.routing_key)
+    if route is None:
+        return reject(
+            RejectCode.UNKNOWN_ROUTING_KEY, f"no command is named {delivery.routing_key!r}"
+        )
+    try:
+        raw = json.loads(delivery.body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return reject(RejectCode.INVALID_JSON, f"body is not UTF-8 JSON: {exc}")
+    if not isinstance(raw, dict):
+        return reject(RejectCode.INVALID_JSON, f"body is JSON {type(raw).__name__}, not an object")
+    try:
+        command = route.schema.model_validate(raw)
+    except ValidationError as exc:
+        return reject(RejectCode.SCHEMA_INVALID, f"{delivery.routing_key}: {describe_errors(exc)}")
+    return Parsed(delivery, command=command, raw=raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying a window in one transaction
+
+
+@dataclass(frozen=True)
+class Applied:
+    pass
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    pass
+
+
+@dataclass(frozen=True)
+class Park:
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    error: str
+
+
+Outcome = Applied | Duplicate | Park | Retry
+
+
+class WindowFailed(Exception):
+    """The window's transaction kept failing for a transient reason; nothing of it committed."""
+
+
+@dataclass
+class WindowApplier:
+    """Applies a window of parsed messages in one transaction, a savepoint per message."""
+
+    engine: Engine
+    spec: ConsumerSpec
+    max_attempts: int
+    retry_seconds: float
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    def apply(self, window: Sequence[Parsed]) -> list[Outcome]:
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential(multiplier=0.05, max=5),
+            stop=stop_after_delay(self.retry_seconds),
+            sleep=self.sleep,
+            reraise=False,
+            before_sleep=lambda state: log.warning(
+                "transient database error, retrying window",
+                extra={"attempt": state.attempt_number, "error": repr(state.outcome.exception())}
+                if state.outcome
+                else {},
+            ),
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    with self.engine.begin() as conn:
+                        return [self._apply_one(conn, parsed) for parsed in window]
+        except RetryError as exc:
+            raise WindowFailed(repr(exc.last_attempt.exception())) from exc
+        raise AssertionError("unreachable")
+
+    def _envelope(self, parsed: Parsed) -> Envelope:
+        d = parsed.delivery
+        return Envelope(
+            consumer=self.spec.queue,
+            message_id=d.message_id,
+            correlation_id=d.properties.correlation_id or d.message_id,
+            routing_key=d.routing_key,
+            body=parsed.raw or {},
+        )
+
+    def _apply_one(self, conn: Connection, parsed: Parsed) -> Outcome:
+        envelope = self._envelope(parsed)
+        now = self.clock()
+        token = message_context.set(
+            {"message_id": envelope.message_id, "correlation_id": envelope.correlation_id,
+             "routing_key": envelope.routing_key}
+        )
+        try:
+            if parsed.rejection:
+                return self._park(conn, envelope, now, *parsed.rejection)
+            assert parsed.command is not None
+            route = self.spec.routes[envelope.routing_key]
+            for race in (1, 2):
+                try:
+                    with conn.begin_nested():
+                        uow = UnitOfWork(conn, envelope, now)
+                        if not uow.claim():
+                            return Duplicate()
+                        route.handler(parsed.command, uow)
+                        uow.flush()
+                    return Applied()
+                except Refusal as refusal:
+                    return self._refuse(conn, envelope, now, route, parsed.command, refusal)
+                except ParkCommand as park:
+                    return self._park(conn, envelope, now, park.code, park.reason)
+                except IntegrityError as exc:
+                    # A concurrent writer committed the same key first; looking again sees its row.
+                    if race == 1:
+                        continue
+                    return self._failed(conn, envelope, now, parsed, exc)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    return self._failed(conn, envelope, now, parsed, exc)
+            raise AssertionError("unreachable")
+        finally:
+            message_context.reset(token)
+
+    def _refuse(
+        self, conn: Connection, envelope: Envelope, now: datetime, route: Route, command: Command,
+        refusal: Refusal,
+    ) -> Outcome:
+        log.info("command refused", extra={"reason": refusal.reason, "detail": refusal.detail})
+        with conn.begin_nested():
+            uow = UnitOfWork(conn, envelope, now)
+            if not uow.claim():
+                return Duplicate()
+            if route.refuse is not None:
+                route.refuse(command, refusal, uow)
+            uow.flush()
+        return Applied()
+
+    def _park(self, conn: Connection, envelope: Envelope, now: datetime, code: str, reason: str) -> Outcome:
+        log.warning("command rejected", extra={"code": code, "reason": reason})
+        with conn.begin_nested():
+            uow = UnitOfWork(conn, envelope, now)
+            uow.emit(
+                n.Evt.COMMAND_REJECTED,
+                {
+                    "message_id": envelope.message_id,
+                    "routing_key": envelope.routing_key,
+                    "code": code,
+                    "reason": reason,
+                },
+            )
+            uow.flush()
+        return Park(code, reason)
+
+    def _failed(
+        self, conn: Connection, envelope: Envelope, now: datetime, parsed: Parsed, exc: Exception
+    ) -> Outcome:
+        error = f"{type(exc).__name__}: {exc}"[:1000]
+        log.error("handler failed", exc_info=exc, extra={"attempts": parsed.delivery.attempts})
+        if parsed.delivery.attempts >= self.max_attempts:
+            reason = f"failed {parsed.delivery.attempts + 1} times; last error: {error}"
+            return self._park(conn, envelope, now, RejectCode.RETRIES_EXHAUSTED, reason)
+        return Retry(error)
+
+
+# ---------------------------------------------------------------------------------------------
+# The broker side: consume, republish to the retry queues or the parking lot, ack
+
+
+def connection_parameters(settings: Settings, name: str) -> pika.URLParameters:
+    """Broker parameters with heartbeats (a dead peer is noticed in seconds) and a readable name."""
+    params = pika.URLParameters(settings.amqp_url)
+    params.heartbeat = settings.heartbeat
+    params.blocked_connection_timeout = 60
+    params.connection_attempts = 1
+    params.socket_timeout = 10
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def copy_properties(props: pika.BasicProperties, headers: dict[str, Any]) -> pika.BasicProperties:
+    """The message's properties with new headers; persistent; no user_id (the broker checks it)."""
+    return pika.BasicProperties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=2,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        type=props.type,
+        app_id=props.app_id,
+    )
+
+
+def parked_headers(delivery: Delivery, queue: str, code: str, reason: str) -> dict[str, Any]:
+    headers = delivery.headers
+    headers.update(
+        {
+            n.PARKING_REASON_HEADER: reason[:2000],
+            n.PARKING_CODE_HEADER: code,
+            n.ORIGINAL_ROUTING_KEY_HEADER: delivery.routing_key,
+            n.ORIGINAL_EXCHANGE_HEADER: delivery.exchange,
+            n.ORIGINAL_QUEUE_HEADER: queue,
+            n.ATTEMPTS_HEADER: delivery.attempts + 1,
+            n.PARKED_AT_HEADER: datetime.now(UTC).isoformat(),
+        }
+    )
+    return headers
+
+
+class ConsumerProcess:
+    """Runs one consumer queue until SIGTERM/SIGINT: reconnects, applies windows, acks after commit."""
+
+    def __init__(
+        self,
+        spec: ConsumerSpec,
+        settings: Settings,
+        engine: Engine,
+        declare_topology: Callable[[BlockingChannel], None],
+        background: Sequence[Callable[[threading.Event], None]] = (),
+    ) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.engine = engine
+        self.declare_topology = declare_topology
+        self.background = background
+        self.stop_event = threading.Event()
+        self.name = f"{spec.queue}@{socket.gethostname()}:{os.getpid()}"
+        self.retry_steps = settings.retry_steps
+
+    def request_stop(self, *_: object) -> None:
+        if not self.stop_event.is_set():
+            log.info("stop requested; finishing the messages in hand")
+        self.stop_event.set()
+
+    def run(self) -> int:
+        """Consume until asked to stop; returns the exit status."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        threads = [
+            threading.Thread(target=job, args=(self.stop_event,), name=getattr(job, "__name__", "job"))
+            for job in self.background
+        ]
+        for thread in threads:
+            thread.start()
+        backoff = 0.5
+        while not self.stop_event.is_set():
+            try:
+                self._consume()
+                backoff = 0.5
+            except (pika.exceptions.AMQPError, OSError, WindowFailed) as exc:
+                log.warning("connection lost; reconnecting", extra={"error": repr(exc), "in_s": backoff})
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        for thread in threads:
+            thread.join(timeout=30)
+        log.info("stopped")
+        return 0
+
+    def _consume(self) -> None:
+        connection = pika.BlockingConnection(connection_parameters(self.settings, self.name))
+        try:
+            channel = connection.channel()
+            self.declare_topology(channel)
+            channel.basic_qos(prefetch_count=self.settings.prefetch)
+            publisher = connection.channel()
+            publisher.confirm_delivery()
+            buffer: list[Delivery] = []
+
+            def on_message(_ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+                buffer.append(make_delivery(method, props, body))
+
+            tag = channel.basic_consume(self.spec.queue, on_message, consumer_tag=self.name)
+            log.info("consuming", extra={"prefetch": self.settings.prefetch})
+            applier = WindowApplier(
+                self.engine,
+                self.spec,
+                max_attempts=len(self.retry_steps),
+                retry_seconds=self.settings.transient_retry_seconds,
+                sleep=connection.sleep,
+            )
+            while not self.stop_event.is_set():
+                connection.process_data_events(time_limit=0.5)
+                if buffer:
+                    window, buffer[:] = list(buffer), []
+                    self._handle_window(applier, window, channel, publisher)
+            channel.basic_cancel(tag)
+            if buffer:
+                self._handle_window(applier, list(buffer), channel, publisher)
+        finally:
+            if connection.is_open:
+                try:
+                    connection.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def _handle_window(
+        self, applier: WindowApplier, window: list[Delivery], channel: BlockingChannel, publisher: BlockingChannel
+    ) -> None:
+        parsed = [validate(d, self.spec.routes) for d in window]
+        try:
+            outcomes = applier.apply(parsed)
+        except WindowFailed as exc:
+            # The database stayed unreachable: hand every message to the retry queues (or park it).
+            log.error("window failed after retries", extra={"error": str(exc), "size": len(window)})
+            outcomes = [
+                Park(RejectCode.RETRIES_EXHAUSTED, f"database unavailable: {exc}")
+                if d.attempts >= len(self.retry_steps)
+                else Retry(str(exc))
+                for d in window
+            ]
+        for delivery, outcome in zip(window, outcomes, strict=True):
+            if isinstance(outcome, Park):
+                self._publish_parked(publisher, delivery, outcome)
+            elif isinstance(outcome, Retry):
+                self._publish_retry(publisher, delivery, outcome)
+        channel.basic_ack(delivery_tag=window[-1].tag, multiple=True)
+
+    def _publish_parked(self, publisher: BlockingChannel, delivery: Delivery, outcome: Park) -> None:
+        headers = parked_headers(delivery, self.spec.queue, outcome.code, outcome.reason)
+        publisher.basic_publish(
+            exchange="",
+            routing_key=n.PARKING_LOT_QUEUE,
+            body=delivery.body,
+            properties=copy_properties(delivery.properties, headers),
+            mandatory=True,
+        )
+
+    def _publish_retry(self, publisher: BlockingChannel, delivery: Delivery, outcome: Retry) -> None:
+        step = self.retry_steps[min(delivery.attempts, len(self.retry_steps) - 1)]
+        headers = delivery.headers
+        headers.update(
+            {
+                n.ORIGINAL_ROUTING_KEY_HEADER: delivery.routing_key,
+                n.ORIGINAL_EXCHANGE_HEADER: delivery.exchange,
+                n.ORIGINAL_QUEUE_HEADER: self.spec.queue,
+                n.ATTEMPTS_HEADER: delivery.attempts + 1,
+                n.LAST_ERROR_HEADER: outcome.error[:1000],
+            }
+        )
+        publisher.basic_publish(
+            exchange=n.RETRY_EXCHANGE,
+            routing_key=f"{format_duration(step)}.{self.spec.queue}",
+            body=delivery.body,
+            properties=copy_properties(delivery.properties, headers),
+            mandatory=True,
+        )

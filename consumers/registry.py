@@ -1,0 +1,17 @@
+"""Every consumer queue the service runs, built from settings."""
+
+from __future__ import annotations
+
+from consumers import catalog, placement, unrouted
+from consumers.loop import ConsumerSpec
+from settings import Settings
+
+
+def consumer_specs(settings: Settings) -> dict[str, ConsumerSpec]:
+    """Queue name -> consumer, in the order `run_consumer.py --list` prints them."""
+    specs = [
+        catalog.spec(settings),
+        placement.spec(settings),
+        unrouted.spec(settings),
+    ]
+    return {s.queue: s for s in specs}

@@ -1,0 +1,119 @@
+"""Start consumers: `--list` names the queues, `QUEUE...` consumes those, `--all` consumes every one.
+
+One process per queue: with one queue the consumer runs in this process; with several, this
+process supervises one child per queue, forwards SIGTERM/SIGINT to them and restarts a child
+that dies. Each consumer process also runs an outbox relay (RELAY_ENABLED) and its queue's
+periodic job (the backstop sweeper for the timeouts queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import logs
+from settings import Settings, load_settings
+
+log = logging.getLogger("run_consumer")
+
+
+def _periodic(job: Callable[..., None], settings: Settings, engine: object) -> Callable[[threading.Event], None]:
+    def run_periodic(stop: threading.Event) -> None:
+        while not stop.wait(settings.sweeper_interval.total_seconds()):
+            try:
+                job(engine, settings)
+            except Exception:
+                logging.getLogger("periodic").exception("periodic job failed; will run again")
+
+    return run_periodic
+
+
+def consume(queue: str, settings: Settings) -> int:
+    """Run one queue's consumer in this process until SIGTERM/SIGINT."""
+    from consumers.loop import ConsumerProcess
+    from consumers.registry import consumer_specs
+    from publishers.relay import OutboxRelay
+    from store.db import make_engine
+    from topology import declarer
+
+    spec = consumer_specs(settings)[queue]
+    engine = make_engine(settings.database_url)
+    background: list[Callable[[threading.Event], None]] = []
+    if settings.relay_enabled:
+        background.append(OutboxRelay(make_engine(settings.database_url, pool_size=1), settings).run)
+    if spec.periodic is not None:
+        background.append(_periodic(spec.periodic, settings, engine))
+    return ConsumerProcess(spec, settings, engine, declarer(settings), background).run()
+
+
+def supervise(queues: list[str]) -> int:
+    """One child process per queue; SIGTERM/SIGINT are passed on; a crashed child is restarted."""
+    stopping = threading.Event()
+    children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(queue: str) -> None:
+        children[queue] = subprocess.Popen([sys.executable, __file__, queue])
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for queue in queues:
+        spawn(queue)
+    while not stopping.is_set():
+        for queue, child in list(children.items()):
+            code = child.poll()
+            if code is not None and not stopping.is_set():
+                log.error("consumer exited; restarting", extra={"queue": queue, "exit_code": code})
+                time.sleep(1)
+                spawn(queue)
+        stopping.wait(0.5)
+    status = 0
+    for child in children.values():
+        try:
+            status |= child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            status = 1
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("queues", nargs="*", metavar="QUEUE")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--list", action="store_true", help="print the queues the service consumes")
+    group.add_argument("--all", action="store_true", help="consume every queue --list names")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    from consumers.registry import consumer_specs
+
+    known = list(consumer_specs(settings))
+    if args.list:
+        print("\n".join(known))
+        return 0
+    queues = known if args.all else args.queues
+    if not queues:
+        parser.error("name at least one QUEUE, or use --all or --list")
+    unknown = [q for q in queues if q not in known]
+    if unknown:
+        parser.error(f"unknown queue(s): {', '.join(unknown)} (known: {', '.join(known)})")
+    if len(queues) == 1:
+        logs.configure(settings.log_level, settings.log_format, queue=queues[0])
+        return consume(queues[0], settings)
+    logs.configure(settings.log_level, settings.log_format)
+    return supervise(queues)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Stock and the stock-lock ledger: lock, release, deduct and restore, each at most once per line.
+
+Every change moves units between the counters of one (sku, warehouse) row, so
+available + locked + sold always equals restocked_total. The ledger row of an order line
+guards each move: a second release or deduction of the same line finds no row in the
+required state and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from domain.errors import Reason, Refusal
+
+LOCKED, RELEASED, DEDUCTED, RESTORED = "LOCKED", "RELEASED", "DEDUCTED", "RESTORED"
+
+
+@dataclass(frozen=True)
+class StockMove:
+    sku: str
+    warehouse_id: str
+    quantity: int
+
+    def as_event_item(self) -> dict[str, Any]:
+        return {"sku": self.sku, "warehouse_id": self.warehouse_id, "quantity": self.quantity}
+
+
+_LOCK_ONE = text(
+    """
+    UPDATE stock s SET available = s.available - :q, locked = s.locked + :q
+    WHERE s.sku = :sku AND s.available >= :q AND s.warehouse_id = (
+        SELECT warehouse_id FROM stock
+        WHERE sku = :sku AND available >= :q
+        ORDER BY (warehouse_id = :preferred) DESC, warehouse_id
+        LIMIT 1)
+    RETURNING s.warehouse_id
+    """
+)
+
+
+def lock_line(conn: Connection, sku: str, quantity: int, preferred_warehouse: str) -> str:
+    """Lock `quantity` units of `sku` in one warehouse (the SKU's own first); returns the warehouse.
+
+    The conditional update never lets `available` go below zero, whatever runs concurrently.
+    """
+    # A concurrent order may take the chosen warehouse's last units between choosing and
+    # updating; look again a couple of times before calling it out of stock.
+    for _ in range(3):
+        warehouse = conn.execute(_LOCK_ONE, {"sku": sku, "q": quantity, "preferred": preferred_warehouse}).scalar()
+        if warehouse is not None:
+            return str(warehouse)
+        still_any = conn.execute(
+            text("SELECT 1 FROM stock WHERE sku = :sku AND available >= :q LIMIT 1"), {"sku": sku, "q": quantity}
+        ).scalar()
+        if not still_any:
+            break
+    raise Refusal(Reason.OUT_OF_STOCK, f"{sku}: fewer than {quantity} available")
+
+
+def record_locks(conn: Connection, order_no: str, locks: list[tuple[int, StockMove]]) -> None:
+    """Write the ledger rows (state LOCKED) of an order's lines."""
+    conn.execute(
+        text(
+            "INSERT INTO stock_locks (order_no, line_no, sku, warehouse_id, quantity, state) "
+            "VALUES (:order_no, :line_no, :sku, :warehouse_id, :quantity, 'LOCKED')"
+        ),
+        [
+            {"order_no": order_no, "line_no": line_no, "sku": m.sku, "warehouse_id": m.warehouse_id,
+             "quantity": m.quantity}
+            for line_no, m in locks
+        ],
+    )
+
+
+def _move(conn: Connection, order_no: str, child_order_no: str | None, src: str, dst: str) -> list[StockMove]:
+    """Move the ledger rows of an order (or one child) from state `src` to `dst`; returns the lines moved."""
+    where = "child_order_no = :child" if child_order_no else "order_no = :order_no"
+    rows = conn.execute(
+        text(
+            f"UPDATE stock_locks SET state = :dst, updated_at = now() "
+            f"WHERE {where} AND state = :src RETURNING sku, warehouse_id, quantity"
+        ),
+        {"order_no": order_no, "child": child_order_no, "src": src, "dst": dst},
+    ).all()
+    return [StockMove(r.sku, r.warehouse_id, int(r.quantity)) for r in sorted(rows)]
+
+
+_COUNTER_MOVES = {
+    (LOCKED, RELEASED): "locked = locked - :q, available = available + :q",
+    (LOCKED, DEDUCTED): "locked = locked - :q, sold = sold + :q",
+    (DEDUCTED, RESTORED): "sold = sold - :q, available = available + :q",
+}
+_SALES_DELTA = {(LOCKED, DEDUCTED): 1, (DEDUCTED, RESTORED): -1}
+
+
+def _apply(conn: Connection, order_no: str, child_order_no: str | None, src: str, dst: str) -> list[StockMove]:
+    moves = _move(conn, order_no, child_order_no, src, dst)
+    for m in moves:  # sorted by (sku, warehouse): a fixed lock order
+        conn.execute(
+            text(f"UPDATE stock SET {_COUNTER_MOVES[(src, dst)]} WHERE sku = :sku AND warehouse_id = :wh"),
+            {"q": m.quantity, "sku": m.sku, "wh": m.warehouse_id},
+        )
+        if (src, dst) in _SALES_DELTA:
+            conn.execute(
+                text("UPDATE skus SET sales_count = sales_count + :d WHERE sku = :sku"),
+                {"d": _SALES_DELTA[(src, dst)] * m.quantity, "sku": m.sku},
+            )
+    return moves
+
+
+def release_stock(conn: Connection, order_no: str) -> list[StockMove]:
+    """Give an unpaid order's locked units back to `available` (idempotent)."""
+    return _apply(conn, order_no, None, LOCKED, RELEASED)
+
+
+def deduct_stock(conn: Connection, order_no: str) -> list[StockMove]:
+    """Turn a paid order's locked units into sold ones (idempotent)."""
+    return _apply(conn, order_no, None, LOCKED, DEDUCTED)
+
+
+def restore_stock(conn: Connection, order_no: str, child_order_no: str | None = None) -> list[StockMove]:
+    """Put a refunded order's (or one child's) sold units back on sale, reducing sales (idempotent)."""
+    return _apply(conn, order_no, child_order_no, DEDUCTED, RESTORED)
+
+
+def assign_child(conn: Connection, order_no: str, line_no: int, child_order_no: str) -> None:
+    """Tie a ledger line to the child order that ships it."""
+    conn.execute(
+        text("UPDATE stock_locks SET child_order_no = :child WHERE order_no = :o AND line_no = :l"),
+        {"child": child_order_no, "o": order_no, "l": line_no},
+    )

@@ -1,0 +1,130 @@
+"""The unit of work: one message's database effects, its dedup row and its outbox rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from domain.names import EVENTS_EXCHANGE, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TIMERS_EXCHANGE
+from settings import format_duration
+from store import tables as t
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the unit of work needs to know about the message being applied."""
+
+    consumer: str
+    message_id: str | None
+    correlation_id: str | None
+    routing_key: str
+    body: Mapping[str, Any] = field(default_factory=dict)  # the raw JSON object (signatures need it)
+
+
+@dataclass
+class OutboxRow:
+    exchange: str
+    routing_key: str
+    body: dict[str, Any]
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    correlation_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=lambda: {SCHEMA_VERSION_HEADER: SCHEMA_VERSION})
+
+
+def timer_routing_key(kind: str, delay: timedelta) -> str:
+    """The routing key on order.timers that reaches the delay queue of this kind and duration."""
+    return f"{kind}.{format_duration(delay)}"
+
+
+class UnitOfWork:
+    """Effects of one message inside the caller's transaction (or savepoint).
+
+    Handlers read and write through `conn`, announce events with `emit`, schedule timers
+    with `start_timer` and write the order timeline with `record`. Nothing reaches the broker
+    until the transaction commits and the relay publishes the outbox rows.
+    """
+
+    def __init__(self, conn: Connection, envelope: Envelope, now: datetime) -> None:
+        self.conn = conn
+        self.envelope = envelope
+        self.now = now
+        self.outgoing: list[OutboxRow] = []
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.envelope.correlation_id or self.envelope.message_id
+
+    def claim(self) -> bool:
+        """Insert the dedup row; False when this consumer already applied this message id."""
+        stmt = (
+            pg_insert(t.processed_messages)
+            .values(
+                consumer=self.envelope.consumer,
+                message_id=self.envelope.message_id,
+                routing_key=self.envelope.routing_key,
+            )
+            .on_conflict_do_nothing()
+        )
+        return self.conn.execute(stmt).rowcount == 1
+
+    def emit(self, event: str, body: Mapping[str, Any]) -> None:
+        """Announce an event on order.events (published after commit)."""
+        self.outgoing.append(
+            OutboxRow(EVENTS_EXCHANGE, event, dict(body), correlation_id=self.correlation_id)
+        )
+
+    def start_timer(self, kind: str, ref: str, delay: timedelta, **extra: Any) -> None:
+        """Schedule a durable timer: it fires on the timeouts queue after `delay`."""
+        body = {"kind": kind, "ref": ref, "due_at": (self.now + delay).isoformat(), **extra}
+        self.outgoing.append(
+            OutboxRow(TIMERS_EXCHANGE, timer_routing_key(kind, delay), body, correlation_id=self.correlation_id)
+        )
+
+    def record(
+        self,
+        order_no: str,
+        action: str,
+        from_status: str | None,
+        to_status: str | None,
+        actor: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append a line to the order's timeline (the operation log)."""
+        self.conn.execute(
+            insert(t.order_timeline).values(
+                order_no=order_no,
+                actor=actor,
+                action=action,
+                from_status=from_status,
+                to_status=to_status,
+                detail=dict(detail) if detail else None,
+                message_id=self.envelope.message_id,
+                at=self.now,
+            )
+        )
+
+    def flush(self) -> None:
+        """Write the collected outbox rows in one statement."""
+        if not self.outgoing:
+            return
+        self.conn.execute(
+            insert(t.outbox),
+            [
+                {
+                    "message_id": row.message_id,
+                    "exchange": row.exchange,
+                    "routing_key": row.routing_key,
+                    "correlation_id": row.correlation_id,
+                    "body": row.body,
+                    "headers": row.headers,
+                }
+                for row in self.outgoing
+            ],
+        )
+        self.outgoing.clear()

@@ -1,0 +1,176 @@
+"""Declare every exchange, queue and binding of the service, idempotently.
+
+Run `python topology.py` (twice changes nothing). A queue that already exists with other
+arguments is left as it is (never deleted) and reported. Delay queues are named after their
+duration (`order.timer.payment-timeout.15m`), so a new timeout gets a new queue and the old one
+drains into the same consumer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+import logs
+from domain import names as n
+from domain.names import Timer
+from settings import Settings, format_duration, load_settings
+
+log = logging.getLogger("topology")
+
+
+@dataclass(frozen=True)
+class QueueDecl:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    bindings: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[tuple[str, str, dict[str, Any]], ...]
+    queues: tuple[QueueDecl, ...]
+
+
+def timer_durations(settings: Settings) -> dict[str, timedelta]:
+    """The delay of each timer kind under the current settings."""
+    return {
+        Timer.PAYMENT_TIMEOUT: settings.order_payment_timeout,
+        Timer.AUTO_CONFIRM: settings.auto_confirm_receipt_after,
+        Timer.AFTERSALE_REVIEW: settings.aftersale_review_timeout,
+    }
+
+
+def delay_queue_name(kind: str, delay: timedelta) -> str:
+    return f"{n.TIMER_QUEUE_PREFIX}{kind}.{format_duration(delay)}"
+
+
+def _ms(delay: timedelta) -> int:
+    return round(delay.total_seconds() * 1000)
+
+
+# Delay queues are quorum queues so that dead-lettering is at-least-once: an expired message
+# stays in its queue until the target queue has confirmed it.
+_SAFE_DEAD_LETTERING = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+
+
+def build(settings: Settings, consumer_bindings: dict[str, tuple[tuple[str, str], ...]]) -> Topology:
+    """The whole topology for these settings and consumers (pure: no I/O)."""
+    exchanges = (
+        (n.UNROUTED_EXCHANGE, "fanout", {}),
+        (n.COMMANDS_EXCHANGE, "topic", {"alternate-exchange": n.UNROUTED_EXCHANGE}),
+        (n.EVENTS_EXCHANGE, "topic", {}),
+        (n.TIMERS_EXCHANGE, "direct", {}),
+        (n.TIMERS_FIRED_EXCHANGE, "topic", {}),
+        (n.RETRY_EXCHANGE, "topic", {}),
+        (n.RETRY_RETURN_EXCHANGE, "topic", {}),
+    )
+    consumer_args = {"x-queue-type": settings.queue_type}
+    queues = [
+        QueueDecl(
+            name,
+            consumer_args,
+            (*bindings, (n.RETRY_RETURN_EXCHANGE, f"*.{name}")),
+        )
+        for name, bindings in consumer_bindings.items()
+    ]
+    queues.append(QueueDecl(n.PARKING_LOT_QUEUE, {"x-queue-type": settings.queue_type}))
+    for step in settings.retry_steps:
+        label = format_duration(step)
+        queues.append(
+            QueueDecl(
+                f"{n.RETRY_QUEUE_PREFIX}{label}",
+                {**_SAFE_DEAD_LETTERING, "x-message-ttl": _ms(step),
+                 "x-dead-letter-exchange": n.RETRY_RETURN_EXCHANGE},
+                ((n.RETRY_EXCHANGE, f"{label}.#"),),
+            )
+        )
+    for kind, delay in timer_durations(settings).items():
+        queues.append(
+            QueueDecl(
+                delay_queue_name(kind, delay),
+                {
+                    **_SAFE_DEAD_LETTERING,
+                    "x-message-ttl": _ms(delay),
+                    "x-dead-letter-exchange": n.TIMERS_FIRED_EXCHANGE,
+                    "x-dead-letter-routing-key": Timer.fired_key(kind),
+                },
+                ((n.TIMERS_EXCHANGE, f"{kind}.{format_duration(delay)}"),),
+            )
+        )
+    return Topology(exchanges, tuple(queues))
+
+
+def declare(connection: pika.BlockingConnection, topology: Topology) -> list[str]:
+    """Declare everything; returns warnings for queues kept with arguments other than ours."""
+    warnings: list[str] = []
+    channel = connection.channel()
+    for name, kind, arguments in topology.exchanges:
+        channel.exchange_declare(name, kind, durable=True, arguments=arguments or None)
+    for queue in topology.queues:
+        try:
+            channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:
+                raise
+            # Exists with other arguments: keep it (it may hold messages) and say so.
+            warnings.append(f"queue {queue.name} exists with other arguments; left unchanged: {exc.reply_text}")
+            channel = connection.channel()
+        for exchange, key in queue.bindings:
+            channel.queue_bind(queue.name, exchange, routing_key=key)
+    if channel.is_open:
+        channel.close()
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+def declarer(settings: Settings) -> Any:
+    """A function that declares the topology on an open channel's connection (used by consumers)."""
+    from consumers.registry import consumer_specs
+
+    topology = build(settings, {q: s.bindings for q, s in consumer_specs(settings).items()})
+
+    def declare_on(channel: BlockingChannel) -> None:
+        declare(channel.connection, topology)
+
+    return declare_on
+
+
+def queue_names(topology: Topology) -> Iterable[str]:
+    return (q.name for q in topology.queues)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    from consumers.registry import consumer_specs
+
+    topology = build(settings, {q: s.bindings for q, s in consumer_specs(settings).items()})
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        warnings = declare(connection, topology)
+    finally:
+        connection.close()
+    print(f"declared {len(topology.exchanges)} exchanges and {len(topology.queues)} queues"
+          + (f" ({len(warnings)} kept as they were)" if warnings else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
