@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/orders"
     order_payment_timeout: Duration = timedelta(minutes=15)
     aftersale_review_timeout: Duration = timedelta(days=5)
     auto_confirm_receipt_after: Duration = timedelta(days=10)

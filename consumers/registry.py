@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers import catalog, placement, unrouted
+from consumers import aftersale, catalog, fulfillment, payment, placement, timeouts, unrouted
 from consumers.loop import ConsumerSpec
 from settings import Settings
 
@@ -12,6 +12,10 @@ def consumer_specs(settings: Settings) -> dict[str, ConsumerSpec]:
     specs = [
         catalog.spec(settings),
         placement.spec(settings),
+        payment.spec(settings),
+        fulfillment.spec(settings),
+        aftersale.spec(settings),
+        timeouts.spec(settings),
         unrouted.spec(settings),
     ]
     return {s.queue: s for s in specs}

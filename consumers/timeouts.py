@@ -1,0 +1,65 @@
+"""Queue order.timeouts: timers that ran out (from the delay queues), and the backstop sweeper."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+
+from consumers import aftersale, fulfillment, payment
+from consumers.loop import ConsumerSpec, Route
+from consumers.schemas import TimerFired
+from consumers.timers import TimerKind
+from domain.errors import Refusal
+from domain.names import TIMEOUTS_QUEUE, TIMERS_FIRED_EXCHANGE, Timer
+from settings import Settings
+from store.uow import Envelope, UnitOfWork
+
+log = logging.getLogger("timeouts")
+SWEEP_BATCH = 500
+
+
+def timer_kinds(settings: Settings) -> list[TimerKind]:
+    return [*payment.timer_kinds(settings), *fulfillment.timer_kinds(settings), *aftersale.timer_kinds(settings)]
+
+
+def _fire(kind: TimerKind) -> Route:
+    def on_timer(cmd: TimerFired, uow: UnitOfWork) -> None:
+        kind.fire(uow, cmd.ref)
+
+    return Route(TimerFired, on_timer)
+
+
+def sweeper(kinds: list[TimerKind]):  # type: ignore[no-untyped-def]
+    """The backstop: applies timeouts whose timer message never came (queue purged, data lost)."""
+
+    def sweep(engine: Engine, settings: Settings) -> None:
+        for kind in kinds:
+            while True:
+                now = datetime.now(UTC)
+                with engine.begin() as conn:
+                    refs = kind.overdue(conn, now - settings.sweeper_grace, SWEEP_BATCH)
+                    for ref in refs:
+                        envelope = Envelope("sweeper", None, None, Timer.fired_key(kind.kind))
+                        try:
+                            with conn.begin_nested():
+                                uow = UnitOfWork(conn, envelope, now)
+                                kind.fire(uow, ref)
+                                uow.flush()
+                        except Refusal:
+                            continue
+                if refs:
+                    log.warning("sweeper applied lost timers", extra={"kind": kind.kind, "count": len(refs)})
+                if len(refs) < SWEEP_BATCH:
+                    break
+
+    return sweep
+
+
+def spec(settings: Settings) -> ConsumerSpec:
+    kinds = timer_kinds(settings)
+    routes = {Timer.fired_key(k.kind): _fire(k) for k in kinds}
+    # Bind every timer kind, even one with no handler yet, so fired timers are never unroutable.
+    bindings = ((TIMERS_FIRED_EXCHANGE, "timer.#"),)
+    return ConsumerSpec(TIMEOUTS_QUEUE, routes, bindings, periodic=sweeper(kinds))

@@ -1,0 +1,32 @@
+"""Durable business timers: a kind is a few lines (what to do when it fires, what is overdue).
+
+Scheduling: `uow.start_timer(kind, ref, delay)` writes a timer message to the outbox; the relay
+publishes it to the delay queue `order.timer.<kind>.<duration>` (queue-level TTL), which
+dead-letters it to the timeouts queue when the delay has passed. The backstop sweeper asks each
+kind for refs whose deadline passed a grace period ago, in case a timer message was lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from store.uow import UnitOfWork
+
+
+@dataclass(frozen=True)
+class TimerKind:
+    """One kind of timer.
+
+    fire(uow, ref): apply the timeout to `ref` if it still applies (a guarded, idempotent
+        transition; a timer for something already settled changes nothing).
+    overdue(conn, cutoff, limit): refs whose deadline is before `cutoff` and still pending,
+        selected `FOR UPDATE SKIP LOCKED` so that several sweepers share the work.
+    """
+
+    kind: str
+    fire: Callable[[UnitOfWork, str], None]
+    overdue: Callable[[Connection, datetime, int], list[str]]

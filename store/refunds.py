@@ -1,0 +1,65 @@
+"""The one refund module: every refund (user cancel, late payment, after-sale, merchant cancel).
+
+A refund is created once per source (`uq_refunds_source`), announced with `refund.requested`,
+and settled by a signed `refund.result`. Follow-ups of a successful refund (closing the order,
+completing the after-sale, ...) are chosen by the refund's source in consumers/refund_followups.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Row, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from domain.names import Evt
+from domain.status import RefundAction, RefundStatus, next_refund_status
+from store import numbers
+from store import tables as t
+from store.uow import UnitOfWork
+
+
+def request_refund(
+    uow: UnitOfWork, order_no: str, amount: int, source: str, source_ref: str, actor: str
+) -> str:
+    """Create the refund of this source (once) and announce it; returns its refund number."""
+    existing = uow.conn.execute(
+        select(t.refunds.c.refund_no).where(t.refunds.c.source == source, t.refunds.c.source_ref == source_ref)
+    ).scalar()
+    if existing:
+        return str(existing)
+    refund_no = numbers.next_number(uow.conn, numbers.REFUND, uow.now)
+    uow.conn.execute(
+        pg_insert(t.refunds).values(
+            refund_no=refund_no, order_no=order_no, source=source, source_ref=source_ref, amount=amount,
+            status=RefundStatus.REQUESTED, created_at=uow.now, updated_at=uow.now,
+        )
+    )
+    uow.record(order_no, "REFUND_REQUESTED", None, None, actor,
+               {"refund_no": refund_no, "amount": amount, "reason": source})
+    uow.emit(
+        Evt.REFUND_REQUESTED,
+        {"refund_no": refund_no, "order_no": order_no, "amount": amount, "reason": source,
+         "status": RefundStatus.REQUESTED},
+    )
+    return refund_no
+
+
+def load_refund(uow: UnitOfWork, refund_no: str) -> Row[Any] | None:
+    return uow.conn.execute(select(t.refunds).where(t.refunds.c.refund_no == refund_no).with_for_update()).first()
+
+
+def settle(uow: UnitOfWork, refund: Row[Any], action: RefundAction, provider_refund_no: str | None) -> str:
+    """Move a refund through its state machine (Refusal(INVALID_STATE) when not allowed)."""
+    to_status = next_refund_status(refund.status, action)
+    uow.conn.execute(
+        update(t.refunds)
+        .where(t.refunds.c.refund_no == refund.refund_no)
+        .values(
+            status=to_status,
+            provider_refund_no=provider_refund_no or refund.provider_refund_no,
+            attempts=refund.attempts + (1 if action == RefundAction.RETRY else 0),
+            updated_at=uow.now,
+        )
+    )
+    return to_status

@@ -1,0 +1,46 @@
+"""Fixtures: one isolated system (vhost + database + all consumers) per test session."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import EventListener, System, fresh_system
+
+ALL_QUEUES = (
+    "order.catalog", "order.placement", "order.payment", "order.fulfillment",
+    "order.aftersale", "order.timeouts", "order.unrouted",
+)
+
+
+def _reachable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def infrastructure() -> None:
+    missing = [name for name, port in (("PostgreSQL", 5432), ("RabbitMQ", 5672), ("RabbitMQ management", 15672))
+               if not _reachable(port)]
+    if missing:
+        pytest.exit(f"{', '.join(missing)} not reachable on 127.0.0.1; run `make services` first", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def system(infrastructure: None) -> Iterator[System]:
+    """The service running every consumer in a fresh vhost and database, shared by a session."""
+    with fresh_system() as sys_:
+        sys_.start(*ALL_QUEUES)
+        yield sys_
+
+
+@pytest.fixture(scope="session")
+def events(system: System) -> Iterator[EventListener]:
+    listener = EventListener(system.amqp_url).start()
+    yield listener
+    listener.stop()

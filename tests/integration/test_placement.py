@@ -1,0 +1,153 @@
+"""Placing orders through the broker: pricing, stock locks, idempotency, no oversell."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from domain.pricing import FREIGHT_PER_PACKAGE
+from tests.support import EventListener, System, unique
+
+RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
+
+
+def given_sku(system: System, events: EventListener, price: int, stock: int, merchant: str = "M1",
+              warehouse: str = "W1") -> str:
+    sku = unique("sku")
+    system.send("sku.upsert", {"sku": sku, "name": f"Item {sku}", "unit_price": price, "merchant_id": merchant,
+                               "warehouse_id": warehouse})
+    events.one("sku.upserted", sku=sku)
+    if stock:
+        system.send("stock.restock", {"sku": sku, "warehouse_id": warehouse, "quantity": stock})
+        events.one("stock.restocked", sku=sku)
+    return sku
+
+
+def place(system: System, user: str, items: list[dict], request_id: str | None = None, **extra: object) -> str:
+    body = {"request_id": request_id or unique("req"), "user_id": user, "order_type": "physical",
+            "items": items, "receiver": RECEIVER, **extra}
+    return system.send("order.place", body)
+
+
+def stock_of(system: System, sku: str) -> dict:
+    return system.db.one(
+        "SELECT sum(available) AS available, sum(locked) AS locked, sum(sold) AS sold, "
+        "sum(restocked_total) AS restocked FROM stock WHERE sku = %s", sku)
+
+
+def test_happy_path_two_merchants(system: System, events: EventListener) -> None:
+    # Given two SKUs of two merchants with stock
+    tea = given_sku(system, events, price=1200, stock=10, merchant="M1", warehouse="W1")
+    pot = given_sku(system, events, price=15000, stock=5, merchant="M2", warehouse="W2")
+    user = unique("user")
+    # When the user orders 2 teas and 1 pot
+    place(system, user, [{"sku": tea, "quantity": 2}, {"sku": pot, "quantity": 1}])
+    # Then the order is created, priced server-side, and its stock locked
+    created = events.one("order.created", user_id=user)
+    assert created["goods_total"] == 2 * 1200 + 15000
+    assert created["freight"] == FREIGHT_PER_PACKAGE  # the pot's package ships free (>= 99.00)
+    assert created["discount_total"] == 0
+    assert created["payable"] == created["goods_total"] + created["freight"]
+    assert created["status"] == "PENDING_PAYMENT"
+    assert len(created["items"]) == 2
+    locked = events.one("stock.locked", order_no=created["order_no"])
+    assert sorted((i["sku"], i["quantity"]) for i in locked["items"]) == sorted([(tea, 2), (pot, 1)])
+    assert stock_of(system, tea)["locked"] == 2 and stock_of(system, tea)["available"] == 8
+
+
+def test_coupon_discount_and_held_coupon(system: System, events: EventListener) -> None:
+    # Given a SKU and a coupon of 5.00 off from 20.00
+    sku = given_sku(system, events, price=1500, stock=10)
+    user = unique("user")
+    code = unique("coupon")
+    system.send("coupon.grant", {"code": code, "user_id": user, "amount": 500, "min_spend": 2000,
+                                 "expires_at": "2099-01-01T00:00:00Z"})
+    events.one("coupon.granted", code=code)
+    # When the user spends it on an order of 30.00
+    place(system, user, [{"sku": sku, "quantity": 2}], coupon_code=code)
+    created = events.one("order.created", user_id=user)
+    # Then payable = goods + freight - discount
+    assert created["discount_total"] == 500
+    assert created["payable"] == 3000 + FREIGHT_PER_PACKAGE - 500
+    # And the coupon cannot be used by a second order while the first is pending
+    second = place(system, user, [{"sku": sku, "quantity": 2}], coupon_code=code)
+    rejected = events.wait_for("order.rejected", user_id=user)[0].body
+    assert rejected["reason"] == "COUPON_INVALID"
+    assert events.for_correlation(second)[0].routing_key == "order.rejected"
+
+
+def test_coupon_below_min_spend_is_refused_with_nothing_locked(system: System, events: EventListener) -> None:
+    sku = given_sku(system, events, price=100, stock=10)
+    user, code = unique("user"), unique("coupon")
+    system.send("coupon.grant", {"code": code, "user_id": user, "amount": 50, "min_spend": 10_000,
+                                 "expires_at": "2099-01-01T00:00:00Z"})
+    events.one("coupon.granted", code=code)
+    place(system, user, [{"sku": sku, "quantity": 1}], coupon_code=code)
+    assert events.one("order.rejected", user_id=user)["reason"] == "COUPON_INVALID"
+    assert stock_of(system, sku)["locked"] == 0
+
+
+def test_same_message_five_times_gives_one_order(system: System, events: EventListener) -> None:
+    sku = given_sku(system, events, price=100, stock=10)
+    user = unique("user")
+    message_id = str(uuid.uuid4())
+    body = {"request_id": unique("req"), "user_id": user, "order_type": "physical",
+            "items": [{"sku": sku, "quantity": 1}], "receiver": RECEIVER}
+    # When the very same message is delivered five times
+    for _ in range(5):
+        system.send("order.place", body, message_id=message_id)
+    events.one("order.created", user_id=user)
+    # Then one order exists, one unit is locked, and no refusal was needed
+    system.send("stock.restock", {"sku": sku, "warehouse_id": "W1", "quantity": 1})  # a marker behind them
+    events.wait_for("stock.restocked", sku=sku, count=2)
+    assert system.db.scalar("SELECT count(*) FROM orders WHERE user_id = %s", user) == 1
+    assert len(events.matching("order.created", user_id=user)) == 1
+    assert len(events.matching("order.rejected", user_id=user)) == 0
+    assert stock_of(system, sku)["locked"] == 1
+
+
+def test_one_request_id_under_three_message_ids_gives_one_order(system: System, events: EventListener) -> None:
+    sku = given_sku(system, events, price=100, stock=10)
+    user, request_id = unique("user"), unique("req")
+    for _ in range(3):
+        place(system, user, [{"sku": sku, "quantity": 1}], request_id=request_id)
+    created = events.one("order.created", user_id=user)
+    duplicates = events.wait_for("order.rejected", user_id=user, count=2)
+    assert {d.body["reason"] for d in duplicates} == {"DUPLICATE_REQUEST"}
+    assert {d.body["order_no"] for d in duplicates} == {created["order_no"]}
+    assert system.db.scalar("SELECT count(*) FROM orders WHERE user_id = %s", user) == 1
+    assert stock_of(system, sku)["locked"] == 1
+    # And another user may use the same request_id
+    other = unique("user")
+    place(system, other, [{"sku": sku, "quantity": 1}], request_id=request_id)
+    events.one("order.created", user_id=other)
+
+
+def test_ten_in_stock_fifty_concurrent_orders(system: System, events: EventListener) -> None:
+    # Given 10 units of one SKU
+    sku = given_sku(system, events, price=100, stock=10)
+    users = [unique("user") for _ in range(50)]
+    # When 50 users order one unit each at the same time
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda u: place(system, u, [{"sku": sku, "quantity": 1}]), users))
+
+    def answered() -> int:
+        return sum(len(events.matching(k, user_id=u)) for u in users for k in ("order.created", "order.rejected"))
+
+    events.wait_for("order.rejected", where=lambda b: b["user_id"] in users, count=40, timeout=30)
+    # Then exactly 10 orders were made and 40 refused as out of stock
+    created = [e for e in events.matching("order.created") if e.body["user_id"] in users]
+    rejected = [e for e in events.matching("order.rejected") if e.body["user_id"] in users]
+    assert len(created) == 10
+    assert len(rejected) == 40 and {r.body["reason"] for r in rejected} == {"OUT_OF_STOCK"}
+    assert answered() == 50
+    # And the stock adds up
+    counts = stock_of(system, sku)
+    assert counts["available"] + counts["locked"] + counts["sold"] == counts["restocked"] == 10
+    assert counts["available"] >= 0
+
+
+def test_unknown_sku_is_a_business_refusal(system: System, events: EventListener) -> None:
+    user = unique("user")
+    place(system, user, [{"sku": unique("nosuch"), "quantity": 1}])
+    assert events.one("order.rejected", user_id=user)["reason"] == "UNKNOWN_SKU"
