@@ -101,3 +101,25 @@ def item_event_list(items: list[Row[Any]]) -> list[dict[str, Any]]:
         }
         for i in items
     ]
+
+
+def recompute_parent(uow: UnitOfWork, parent_no: str, actor: str) -> str | None:
+    """Derive a parent's status from its children (shipped when all are, ...); returns it if changed."""
+    from domain.status import parent_status
+
+    parent = load_order(uow.conn, parent_no)
+    if parent is None:
+        return None
+    children = children_of(uow.conn, parent_no)
+    if not children:
+        return None
+    derived = parent_status([c.status for c in children])
+    if derived == parent.status:
+        return None
+    stamps = {
+        "SHIPPED": {"shipped_at": uow.now},
+        "COMPLETED": {"completed_at": uow.now},
+        "CLOSED": {"closed_at": uow.now},
+    }.get(derived.value, {})
+    set_status(uow, parent, derived, "DERIVE_FROM_CHILDREN", actor, None, **stamps)
+    return derived.value

@@ -63,3 +63,18 @@ def settle(uow: UnitOfWork, refund: Row[Any], action: RefundAction, provider_ref
         )
     )
     return to_status
+
+
+def retry_refund(uow: UnitOfWork, refund_no: str, actor: str) -> bool:
+    """Submit a FAILED refund again (`refund.requested` once more); False when it is not failed."""
+    refund = load_refund(uow, refund_no)
+    if refund is None or refund.status != RefundStatus.FAILED:
+        return False
+    settle(uow, refund, RefundAction.RETRY, None)
+    uow.record(refund.order_no, "REFUND_RETRIED", None, None, actor, {"refund_no": refund_no})
+    uow.emit(
+        Evt.REFUND_REQUESTED,
+        {"refund_no": refund_no, "order_no": refund.order_no, "amount": refund.amount,
+         "reason": refund.source, "status": RefundStatus.REQUESTED, "attempt": refund.attempts + 1},
+    )
+    return True
