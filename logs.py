@@ -42,9 +42,12 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         context = {**_STATIC, **(message_context.get() or {})}
-        context.update({k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")})
+        context.update(
+            {k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")}
+        )
         extras = " ".join(f"{k}={v}" for k, v in context.items() if v is not None)
-        line = f"{datetime.now(UTC):%H:%M:%S} {record.levelname:<7} {record.name}: {record.getMessage()} {extras}"
+        stamp = datetime.now(UTC).strftime("%H:%M:%S")
+        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()} {extras}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line.rstrip()

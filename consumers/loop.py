@@ -30,7 +30,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay,
 
 from consumers.schemas import Command, describe_errors
 from domain import names as n
-from domain.errors import ParkCommand, Refusal, RejectCode
+from domain.errors import ConcurrentUpdate, ParkCommand, Refusal, RejectCode
 from logs import message_context
 from settings import Settings, format_duration
 from store.db import is_transient
@@ -147,9 +147,7 @@ def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
         )
     route = routes.get(delivery.routing_key)
     if route is None:
-        return reject(
-            RejectCode.UNKNOWN_ROUTING_KEY, f"no command is named {delivery.routing_key!r}"
-        )
+        return reject(RejectCode.UNKNOWN_ROUTING_KEY, f"no command is named {delivery.routing_key!r}")
     try:
         raw = json.loads(delivery.body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -206,11 +204,12 @@ class WindowApplier:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
-    def apply(self, window: Sequence[Parsed]) -> list[Outcome]:
+    def apply(self, window: Sequence[Parsed], retry_seconds: float | None = None) -> list[Outcome]:
+        """Outcomes of the window's messages once its transaction committed; WindowFailed if it never did."""
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential(multiplier=0.05, max=5),
-            stop=stop_after_delay(self.retry_seconds),
+            stop=stop_after_delay(self.retry_seconds if retry_seconds is None else retry_seconds),
             sleep=self.sleep,
             reraise=False,
             before_sleep=lambda state: log.warning(
@@ -229,6 +228,11 @@ class WindowApplier:
             raise WindowFailed(repr(exc.last_attempt.exception())) from exc
         raise AssertionError("unreachable")
 
+    def announce_rejection(self, parsed: Parsed, code: str, reason: str) -> Outcome:
+        """Write command.rejected for a message in a transaction of its own (no retries)."""
+        with self.engine.begin() as conn:
+            return self._park(conn, self._envelope(parsed), self.clock(), code, reason)
+
     def _envelope(self, parsed: Parsed) -> Envelope:
         d = parsed.delivery
         return Envelope(
@@ -243,8 +247,11 @@ class WindowApplier:
         envelope = self._envelope(parsed)
         now = self.clock()
         token = message_context.set(
-            {"message_id": envelope.message_id, "correlation_id": envelope.correlation_id,
-             "routing_key": envelope.routing_key}
+            {
+                "message_id": envelope.message_id,
+                "correlation_id": envelope.correlation_id,
+                "routing_key": envelope.routing_key,
+            }
         )
         try:
             if parsed.rejection:
@@ -264,7 +271,7 @@ class WindowApplier:
                     return self._refuse(conn, envelope, now, route, parsed.command, refusal)
                 except ParkCommand as park:
                     return self._park(conn, envelope, now, park.code, park.reason)
-                except IntegrityError as exc:
+                except (IntegrityError, ConcurrentUpdate) as exc:
                     # A concurrent writer committed the same key first; looking again sees its row.
                     if race == 1:
                         continue
@@ -278,7 +285,12 @@ class WindowApplier:
             message_context.reset(token)
 
     def _refuse(
-        self, conn: Connection, envelope: Envelope, now: datetime, route: Route, command: Command,
+        self,
+        conn: Connection,
+        envelope: Envelope,
+        now: datetime,
+        route: Route,
+        command: Command,
         refusal: Refusal,
     ) -> Outcome:
         log.info("command refused", extra={"reason": refusal.reason, "detail": refusal.detail})
@@ -425,7 +437,9 @@ class ConsumerProcess:
             publisher.confirm_delivery()
             buffer: list[Delivery] = []
 
-            def on_message(_ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            def on_message(
+                _ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes
+            ) -> None:
                 buffer.append(make_delivery(method, props, body))
 
             tag = channel.basic_consume(self.spec.queue, on_message, consumer_tag=self.name)
@@ -453,26 +467,42 @@ class ConsumerProcess:
                     pass
 
     def _handle_window(
-        self, applier: WindowApplier, window: list[Delivery], channel: BlockingChannel, publisher: BlockingChannel
+        self,
+        applier: WindowApplier,
+        window: list[Delivery],
+        channel: BlockingChannel,
+        publisher: BlockingChannel,
     ) -> None:
         parsed = [validate(d, self.spec.routes) for d in window]
         try:
             outcomes = applier.apply(parsed)
         except WindowFailed as exc:
-            # The database stayed unreachable: hand every message to the retry queues (or park it).
-            log.error("window failed after retries", extra={"error": str(exc), "size": len(window)})
-            outcomes = [
-                Park(RejectCode.RETRIES_EXHAUSTED, f"database unavailable: {exc}")
-                if d.attempts >= len(self.retry_steps)
-                else Retry(str(exc))
-                for d in window
-            ]
+            # One message may be failing the whole window: apply each alone, so only the
+            # failing ones (or all, if the database is down) go on to the retry queues.
+            log.error(
+                "window failed after retries; applying its messages one by one",
+                extra={"error": str(exc), "size": len(window)},
+            )
+            outcomes = [self._apply_alone(applier, p) for p in parsed]
         for delivery, outcome in zip(window, outcomes, strict=True):
             if isinstance(outcome, Park):
                 self._publish_parked(publisher, delivery, outcome)
             elif isinstance(outcome, Retry):
                 self._publish_retry(publisher, delivery, outcome)
         channel.basic_ack(delivery_tag=window[-1].tag, multiple=True)
+
+    def _apply_alone(self, applier: WindowApplier, parsed: Parsed) -> Outcome:
+        try:
+            return applier.apply([parsed], retry_seconds=1.0)[0]
+        except WindowFailed as exc:
+            if parsed.delivery.attempts < len(self.retry_steps):
+                return Retry(str(exc))
+            reason = f"failed {parsed.delivery.attempts + 1} times; last error: {exc}"
+            try:
+                return applier.announce_rejection(parsed, RejectCode.RETRIES_EXHAUSTED, reason)
+            except Exception as db_exc:  # the database is down: park without the event
+                log.error("could not write command.rejected", extra={"error": repr(db_exc)})
+                return Park(RejectCode.RETRIES_EXHAUSTED, reason)
 
     def _publish_parked(self, publisher: BlockingChannel, delivery: Delivery, outcome: Park) -> None:
         headers = parked_headers(delivery, self.spec.queue, outcome.code, outcome.reason)

@@ -136,7 +136,7 @@ class Db:
         conn = psycopg2.connect(self.dsn)
         try:
             with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-                cur.execute(sql, params)
+                cur.execute(sql, params or None)
                 rows = [dict(r) for r in cur.fetchall()] if cur.description else []
             conn.commit()
             return rows
