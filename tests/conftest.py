@@ -10,8 +10,13 @@ import pytest
 from tests.support import EventListener, System, fresh_system
 
 ALL_QUEUES = (
-    "order.catalog", "order.placement", "order.payment", "order.fulfillment",
-    "order.aftersale", "order.timeouts", "order.unrouted",
+    "order.catalog",
+    "order.placement",
+    "order.payment",
+    "order.fulfillment",
+    "order.aftersale",
+    "order.timeouts",
+    "order.unrouted",
 )
 
 
@@ -25,10 +30,15 @@ def _reachable(port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def infrastructure() -> None:
-    missing = [name for name, port in (("PostgreSQL", 5432), ("RabbitMQ", 5672), ("RabbitMQ management", 15672))
-               if not _reachable(port)]
+    missing = [
+        name
+        for name, port in (("PostgreSQL", 5432), ("RabbitMQ", 5672), ("RabbitMQ management", 15672))
+        if not _reachable(port)
+    ]
     if missing:
-        pytest.exit(f"{', '.join(missing)} not reachable on 127.0.0.1; run `make services` first", returncode=3)
+        pytest.exit(
+            f"{', '.join(missing)} not reachable on 127.0.0.1; run `make services` first", returncode=3
+        )
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,9 @@ def rabbit_api(method: str, path: str, body: Any = None) -> Any:
 def create_vhost(name: str) -> None:
     quoted = urllib.parse.quote(name, safe="")
     rabbit_api("PUT", f"/vhosts/{quoted}", {})
-    rabbit_api("PUT", f"/permissions/{quoted}/{RABBIT_USER}", {"configure": ".*", "write": ".*", "read": ".*"})
+    rabbit_api(
+        "PUT", f"/permissions/{quoted}/{RABBIT_USER}", {"configure": ".*", "write": ".*", "read": ".*"}
+    )
 
 
 def delete_vhost(name: str) -> None:
@@ -73,7 +75,9 @@ def delete_vhost(name: str) -> None:
 
 
 def queue_info(vhost: str, queue: str) -> dict[str, Any]:
-    return rabbit_api("GET", f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}")
+    return rabbit_api(
+        "GET", f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
+    )
 
 
 def queue_counts(url: str, queue: str) -> tuple[int, int]:
@@ -114,14 +118,18 @@ def create_database(name: str) -> str:
     url = f"{PG_URL_BASE}/{name}"
     subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT, env={**os.environ, "DATABASE_URL": url}, check=True, capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": url},
+        check=True,
+        capture_output=True,
     )
     return url
 
 
 def drop_database(name: str) -> None:
     admin_execute(
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
     )
     admin_execute(f'DROP DATABASE IF EXISTS "{name}"')
 
@@ -209,13 +217,18 @@ class EventListener:
     def matching(self, routing_key: str, **fields: Any) -> list[Event]:
         with self._cond:
             return [
-                e for e in self.events
+                e
+                for e in self.events
                 if e.routing_key == routing_key and all(e.body.get(k) == v for k, v in fields.items())
             ]
 
     def wait_for(
-        self, routing_key: str, timeout: float = 15, count: int = 1,
-        where: Callable[[dict[str, Any]], bool] | None = None, **fields: Any,
+        self,
+        routing_key: str,
+        timeout: float = 15,
+        count: int = 1,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+        **fields: Any,
     ) -> list[Event]:
         """Wait until `count` events of this key (with these field values) have arrived."""
         deadline = time.monotonic() + timeout
@@ -262,11 +275,18 @@ class System:
     def db(self) -> Db:
         return Db(self.env["DATABASE_URL"])
 
-    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a repository script (topology.py, run_consumer.py --list, the CLI) against this system."""
         return subprocess.run(
-            [sys.executable, *args], cwd=ROOT, env={**os.environ, **self.env, **(env or {})},
-            check=check, capture_output=True, text=True, timeout=120,
+            [sys.executable, *args],
+            cwd=ROOT,
+            env={**os.environ, **self.env, **(env or {})},
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     def orders(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -278,8 +298,11 @@ class System:
         for queue in queues:
             log = open(self.log_dir / f"{self.vhost}-{queue}.log", "ab")  # noqa: SIM115
             self.processes[queue] = subprocess.Popen(
-                [sys.executable, "run_consumer.py", queue], cwd=ROOT,
-                env={**os.environ, **self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "run_consumer.py", queue],
+                cwd=ROOT,
+                env={**os.environ, **self.env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         if wait:
             self.wait_consuming(*queues)
@@ -290,7 +313,9 @@ class System:
             while True:
                 proc = self.processes.get(queue)
                 if proc is not None and proc.poll() is not None:
-                    raise AssertionError(f"consumer {queue} exited with {proc.returncode}; see {self.log_dir}")
+                    raise AssertionError(
+                        f"consumer {queue} exited with {proc.returncode}; see {self.log_dir}"
+                    )
                 try:
                     if queue_counts(self.amqp_url, queue)[1] > 0:
                         break
@@ -328,7 +353,11 @@ class System:
             return pub.send(routing_key, body, message_id=message_id)
 
     def publish_raw(
-        self, routing_key: str, body: bytes, properties: pika.BasicProperties, exchange: str = "order.commands"
+        self,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        exchange: str = "order.commands",
     ) -> None:
         """Publish exactly these bytes and properties (for malformed input) with a confirm."""
         conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
@@ -390,9 +419,14 @@ def fresh_system(**env: str) -> Iterator[System]:
     try:
         url = create_database(db_name)
         system = System(
-            vhost, db_name,
-            {**DEFAULT_ENV, **env, "AMQP_URL": f"{AMQP_BASE}/{urllib.parse.quote(vhost, safe='')}",
-             "DATABASE_URL": url},
+            vhost,
+            db_name,
+            {
+                **DEFAULT_ENV,
+                **env,
+                "AMQP_URL": f"{AMQP_BASE}/{urllib.parse.quote(vhost, safe='')}",
+                "DATABASE_URL": url,
+            },
         )
         system.run("topology.py")
         try:

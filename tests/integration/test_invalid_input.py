@@ -14,8 +14,12 @@ from tests.support import EventListener, System, unique
 
 def props(message_id: str | None, routing_key: str, **overrides: object) -> pika.BasicProperties:
     values: dict = {
-        "message_id": message_id, "correlation_id": message_id, "type": routing_key,
-        "content_type": "application/json", "delivery_mode": 2, "headers": {"x-schema-version": 1},
+        "message_id": message_id,
+        "correlation_id": message_id,
+        "type": routing_key,
+        "content_type": "application/json",
+        "delivery_mode": 2,
+        "headers": {"x-schema-version": 1},
     }
     values.update(overrides)
     return pika.BasicProperties(**values)
@@ -28,15 +32,33 @@ CASES = {
     "json-array": ("INVALID_JSON", "stock.restock", b"[1, 2]", {}),
     "unknown-key": ("UNKNOWN_ROUTING_KEY", "stock.teleport", json.dumps(RESTOCK).encode(), {}),
     "zero-quantity": ("SCHEMA_INVALID", "stock.restock", json.dumps({**RESTOCK, "quantity": 0}).encode(), {}),
-    "string-quantity": ("SCHEMA_INVALID", "order.place", json.dumps(
-        {"request_id": "r", "user_id": "u", "order_type": "physical",
-         "items": [{"sku": "a", "quantity": "2"}]}).encode(), {}),
+    "string-quantity": (
+        "SCHEMA_INVALID",
+        "order.place",
+        json.dumps(
+            {
+                "request_id": "r",
+                "user_id": "u",
+                "order_type": "physical",
+                "items": [{"sku": "a", "quantity": "2"}],
+            }
+        ).encode(),
+        {},
+    ),
     "missing-field": ("SCHEMA_INVALID", "sku.upsert", json.dumps({"sku": "a"}).encode(), {}),
     "too-large": ("BODY_TOO_LARGE", "stock.restock", b'{"pad": "' + b"x" * (1024 * 1024) + b'"}', {}),
-    "schema-v2": ("UNSUPPORTED_SCHEMA_VERSION", "stock.restock", json.dumps(RESTOCK).encode(),
-                  {"headers": {"x-schema-version": 2}}),
-    "text-plain": ("UNSUPPORTED_CONTENT_TYPE", "stock.restock", json.dumps(RESTOCK).encode(),
-                   {"content_type": "text/plain"}),
+    "schema-v2": (
+        "UNSUPPORTED_SCHEMA_VERSION",
+        "stock.restock",
+        json.dumps(RESTOCK).encode(),
+        {"headers": {"x-schema-version": 2}},
+    ),
+    "text-plain": (
+        "UNSUPPORTED_CONTENT_TYPE",
+        "stock.restock",
+        json.dumps(RESTOCK).encode(),
+        {"content_type": "text/plain"},
+    ),
 }
 
 
@@ -69,8 +91,9 @@ def test_command_without_message_id_is_parked(system: System, events: EventListe
     body = json.dumps({**RESTOCK, "sku": marker}).encode()
     system.publish_raw("stock.restock", body, props(None, "stock.restock"))
     # Then command.rejected with message_id null and the parked original
-    found = events.wait_for("command.rejected", code="MISSING_MESSAGE_ID",
-                            where=lambda b: b["message_id"] is None)
+    found = events.wait_for(
+        "command.rejected", code="MISSING_MESSAGE_ID", where=lambda b: b["message_id"] is None
+    )
     assert found
     parked = [p for p, b in system.parked() if marker.encode() in b]
     assert parked and parked[0].headers["x-parking-code"] == "MISSING_MESSAGE_ID"

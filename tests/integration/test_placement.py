@@ -11,11 +11,20 @@ from tests.support import EventListener, System, unique
 RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
 
 
-def given_sku(system: System, events: EventListener, price: int, stock: int, merchant: str = "M1",
-              warehouse: str = "W1") -> str:
+def given_sku(
+    system: System, events: EventListener, price: int, stock: int, merchant: str = "M1", warehouse: str = "W1"
+) -> str:
     sku = unique("sku")
-    system.send("sku.upsert", {"sku": sku, "name": f"Item {sku}", "unit_price": price, "merchant_id": merchant,
-                               "warehouse_id": warehouse})
+    system.send(
+        "sku.upsert",
+        {
+            "sku": sku,
+            "name": f"Item {sku}",
+            "unit_price": price,
+            "merchant_id": merchant,
+            "warehouse_id": warehouse,
+        },
+    )
     events.one("sku.upserted", sku=sku)
     if stock:
         system.send("stock.restock", {"sku": sku, "warehouse_id": warehouse, "quantity": stock})
@@ -23,16 +32,26 @@ def given_sku(system: System, events: EventListener, price: int, stock: int, mer
     return sku
 
 
-def place(system: System, user: str, items: list[dict], request_id: str | None = None, **extra: object) -> str:
-    body = {"request_id": request_id or unique("req"), "user_id": user, "order_type": "physical",
-            "items": items, "receiver": RECEIVER, **extra}
+def place(
+    system: System, user: str, items: list[dict], request_id: str | None = None, **extra: object
+) -> str:
+    body = {
+        "request_id": request_id or unique("req"),
+        "user_id": user,
+        "order_type": "physical",
+        "items": items,
+        "receiver": RECEIVER,
+        **extra,
+    }
     return system.send("order.place", body)
 
 
 def stock_of(system: System, sku: str) -> dict:
     return system.db.one(
         "SELECT sum(available) AS available, sum(locked) AS locked, sum(sold) AS sold, "
-        "sum(restocked_total) AS restocked FROM stock WHERE sku = %s", sku)
+        "sum(restocked_total) AS restocked FROM stock WHERE sku = %s",
+        sku,
+    )
 
 
 def test_happy_path_two_merchants(system: System, events: EventListener) -> None:
@@ -60,8 +79,16 @@ def test_coupon_discount_and_held_coupon(system: System, events: EventListener) 
     sku = given_sku(system, events, price=1500, stock=10)
     user = unique("user")
     code = unique("coupon")
-    system.send("coupon.grant", {"code": code, "user_id": user, "amount": 500, "min_spend": 2000,
-                                 "expires_at": "2099-01-01T00:00:00Z"})
+    system.send(
+        "coupon.grant",
+        {
+            "code": code,
+            "user_id": user,
+            "amount": 500,
+            "min_spend": 2000,
+            "expires_at": "2099-01-01T00:00:00Z",
+        },
+    )
     events.one("coupon.granted", code=code)
     # When the user spends it on an order of 30.00
     place(system, user, [{"sku": sku, "quantity": 2}], coupon_code=code)
@@ -79,8 +106,16 @@ def test_coupon_discount_and_held_coupon(system: System, events: EventListener) 
 def test_coupon_below_min_spend_is_refused_with_nothing_locked(system: System, events: EventListener) -> None:
     sku = given_sku(system, events, price=100, stock=10)
     user, code = unique("user"), unique("coupon")
-    system.send("coupon.grant", {"code": code, "user_id": user, "amount": 50, "min_spend": 10_000,
-                                 "expires_at": "2099-01-01T00:00:00Z"})
+    system.send(
+        "coupon.grant",
+        {
+            "code": code,
+            "user_id": user,
+            "amount": 50,
+            "min_spend": 10_000,
+            "expires_at": "2099-01-01T00:00:00Z",
+        },
+    )
     events.one("coupon.granted", code=code)
     place(system, user, [{"sku": sku, "quantity": 1}], coupon_code=code)
     assert events.one("order.rejected", user_id=user)["reason"] == "COUPON_INVALID"
@@ -91,8 +126,13 @@ def test_same_message_five_times_gives_one_order(system: System, events: EventLi
     sku = given_sku(system, events, price=100, stock=10)
     user = unique("user")
     message_id = str(uuid.uuid4())
-    body = {"request_id": unique("req"), "user_id": user, "order_type": "physical",
-            "items": [{"sku": sku, "quantity": 1}], "receiver": RECEIVER}
+    body = {
+        "request_id": unique("req"),
+        "user_id": user,
+        "order_type": "physical",
+        "items": [{"sku": sku, "quantity": 1}],
+        "receiver": RECEIVER,
+    }
     # When the very same message is delivered five times
     for _ in range(5):
         system.send("order.place", body, message_id=message_id)
@@ -106,7 +146,9 @@ def test_same_message_five_times_gives_one_order(system: System, events: EventLi
     assert stock_of(system, sku)["locked"] == 1
 
 
-def test_one_request_id_under_three_message_ids_gives_one_order(system: System, events: EventListener) -> None:
+def test_one_request_id_under_three_message_ids_gives_one_order(
+    system: System, events: EventListener
+) -> None:
     sku = given_sku(system, events, price=100, stock=10)
     user, request_id = unique("user"), unique("req")
     for _ in range(3):
@@ -132,7 +174,9 @@ def test_ten_in_stock_fifty_concurrent_orders(system: System, events: EventListe
         list(pool.map(lambda u: place(system, u, [{"sku": sku, "quantity": 1}]), users))
 
     def answered() -> int:
-        return sum(len(events.matching(k, user_id=u)) for u in users for k in ("order.created", "order.rejected"))
+        return sum(
+            len(events.matching(k, user_id=u)) for u in users for k in ("order.created", "order.rejected")
+        )
 
     events.wait_for("order.rejected", where=lambda b: b["user_id"] in users, count=40, timeout=30)
     # Then exactly 10 orders were made and 40 refused as out of stock

@@ -44,7 +44,9 @@ def test_failing_message_goes_through_retry_queues_then_parks(
     system, events = retry_system
     # Given a SKU whose stock row fails to update (a bug, or a serialization failure that persists)
     sku = unique(prefix)
-    system.send("sku.upsert", {"sku": sku, "name": "x", "unit_price": 1, "merchant_id": "M", "warehouse_id": "W1"})
+    system.send(
+        "sku.upsert", {"sku": sku, "name": "x", "unit_price": 1, "merchant_id": "M", "warehouse_id": "W1"}
+    )
     events.one("sku.upserted", sku=sku)
     # When it is restocked, followed by a healthy command
     started = time.monotonic()
