@@ -9,8 +9,13 @@ drains into the same consumer.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import logging
+import os
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -93,8 +98,11 @@ def build(settings: Settings, consumer_bindings: dict[str, tuple[tuple[str, str]
         queues.append(
             QueueDecl(
                 f"{n.RETRY_QUEUE_PREFIX}{label}",
-                {**_SAFE_DEAD_LETTERING, "x-message-ttl": _ms(step),
-                 "x-dead-letter-exchange": n.RETRY_RETURN_EXCHANGE},
+                {
+                    **_SAFE_DEAD_LETTERING,
+                    "x-message-ttl": _ms(step),
+                    "x-dead-letter-exchange": n.RETRY_RETURN_EXCHANGE,
+                },
                 ((n.RETRY_EXCHANGE, f"{label}.#"),),
             )
         )
@@ -127,7 +135,9 @@ def declare(connection: pika.BlockingConnection, topology: Topology) -> list[str
             if exc.reply_code != 406:
                 raise
             # Exists with other arguments: keep it (it may hold messages) and say so.
-            warnings.append(f"queue {queue.name} exists with other arguments; left unchanged: {exc.reply_text}")
+            warnings.append(
+                f"queue {queue.name} exists with other arguments; left unchanged: {exc.reply_text}"
+            )
             channel = connection.channel()
         for exchange, key in queue.bindings:
             channel.queue_bind(queue.name, exchange, routing_key=key)
@@ -154,11 +164,86 @@ def queue_names(topology: Topology) -> Iterable[str]:
     return (q.name for q in topology.queues)
 
 
+# Least privilege (regular expressions over exchange and queue names in the vhost).
+# The producer may publish to order.commands (and its alternate exchange, which RabbitMQ checks
+# for unroutable commands) and nothing else: it declares nothing and reads nothing.
+PRODUCER_PERMISSIONS = {
+    "configure": "^$",
+    "write": r"^order\.commands(\.unrouted)?$",
+    "read": "^$",
+}
+# The service declares, binds, consumes and publishes only its own order.* resources, plus the
+# default exchange (amq.default) it parks messages through.
+SERVICE_PERMISSIONS = {
+    "configure": r"^order\..*",
+    "write": r"^(order\..*|amq\.default)$",
+    "read": r"^order\..*",
+}
+
+
+def management_call(api: str, user: str, password: str, method: str, path: str, body: Any = None) -> None:
+    """One call to the RabbitMQ management HTTP API (admin credentials)."""
+    request = urllib.request.Request(
+        f"{api.rstrip('/')}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+    )
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    request.add_header("content-type", "application/json")
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def create_users(settings: Settings, producer: str, service: str) -> str:
+    """Create the vhost of AMQP_URL and its `producer` and `service` users; returns the vhost.
+
+    Passwords come from PRODUCER_PASSWORD and SERVICE_PASSWORD (never printed); the admin
+    credentials from RABBITMQ_ADMIN_USER/RABBITMQ_ADMIN_PASSWORD and the API address from
+    RABBITMQ_API (default http://127.0.0.1:15672/api).
+    """
+    missing = [name for name in ("PRODUCER_PASSWORD", "SERVICE_PASSWORD") if not os.environ.get(name)]
+    if missing:
+        raise SystemExit(f"set {' and '.join(missing)} to create the users")
+    api = os.environ.get("RABBITMQ_API", "http://127.0.0.1:15672/api")
+    admin = (
+        os.environ.get("RABBITMQ_ADMIN_USER", "guest"),
+        os.environ.get("RABBITMQ_ADMIN_PASSWORD", "guest"),
+    )
+    vhost = pika.URLParameters(settings.amqp_url).virtual_host
+    quoted = urllib.parse.quote(vhost, safe="")
+    management_call(api, *admin, "PUT", f"/vhosts/{quoted}", {})
+    for user, password_env, permissions in (
+        (producer, "PRODUCER_PASSWORD", PRODUCER_PERMISSIONS),
+        (service, "SERVICE_PASSWORD", SERVICE_PERMISSIONS),
+    ):
+        user_path = urllib.parse.quote(user, safe="")
+        management_call(
+            api, *admin, "PUT", f"/users/{user_path}", {"password": os.environ[password_env], "tags": ""}
+        )
+        management_call(api, *admin, "PUT", f"/permissions/{quoted}/{user_path}", permissions)
+    return vhost
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--users",
+        action="store_true",
+        help="also create the vhost and its least-privilege producer and service users",
+    )
+    parser.add_argument("--producer-user", default="producer")
+    parser.add_argument("--service-user", default="service")
+    args = parser.parse_args(argv)
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
+    if args.users:
+        vhost = create_users(settings, args.producer_user, args.service_user)
+        print(
+            f"vhost {vhost!r}: users {args.producer_user!r} (may only publish commands) and "
+            f"{args.service_user!r} (the consumers' own resources)"
+        )
     from consumers.registry import consumer_specs
 
     topology = build(settings, {q: s.bindings for q, s in consumer_specs(settings).items()})
@@ -167,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings = declare(connection, topology)
     finally:
         connection.close()
-    print(f"declared {len(topology.exchanges)} exchanges and {len(topology.queues)} queues"
-          + (f" ({len(warnings)} kept as they were)" if warnings else ""))
+    print(
+        f"declared {len(topology.exchanges)} exchanges and {len(topology.queues)} queues"
+        + (f" ({len(warnings)} kept as they were)" if warnings else "")
+    )
     return 0
 
 

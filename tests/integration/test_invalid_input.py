@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 
 import pika
@@ -105,3 +106,80 @@ def test_restock_of_unknown_sku_is_parked_for_replay(system: System, events: Eve
     rejected = events.one("command.rejected", message_id=message_id)
     assert rejected["code"] == "UNKNOWN_SKU"
     assert system.wait_parked(message_id).headers["x-parking-code"] == "UNKNOWN_SKU"
+
+
+def random_value(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.randrange(9 if depth < 2 else 6)
+    if kind == 6:
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if kind == 7:
+        return {rng.choice(FIELDS): random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    simple: list[object] = [
+        None,
+        rng.randint(-(10**18), 10**18),
+        rng.random() * 1e6,
+        "",
+        "x" * rng.randint(1, 80),
+        rng.choice([True, False]),
+    ]
+    return simple[kind] if kind < 6 else "2026-13-45T99:99:99Z"
+
+
+FIELDS = [
+    "sku",
+    "quantity",
+    "items",
+    "order_no",
+    "user_id",
+    "amount",
+    "receiver",
+    "request_id",
+    "order_type",
+    "warehouse_id",
+    "unit_price",
+    "name",
+    "merchant_id",
+    "code",
+    "expires_at",
+    "min_spend",
+    "signature",
+]
+KEYS = [
+    "sku.upsert",
+    "stock.restock",
+    "coupon.grant",
+    "order.place",
+    "order.cancel",
+    "payment.notify",
+    "order.ship",
+    "aftersale.request",
+    "refund.result",
+    "merchant.cancel",
+    "x.y",
+]
+
+
+def test_random_bodies_never_crash_a_consumer(system: System, events: EventListener) -> None:
+    # Given 150 commands with random bodies on every routing key
+    rng = random.Random(20261126)
+    ids = []
+    for _ in range(150):
+        key = rng.choice(KEYS)
+        body = {rng.choice(FIELDS): random_value(rng) for _ in range(rng.randint(0, 8))}
+        message_id = str(uuid.uuid4())
+        system.publish_raw(key, json.dumps(body).encode(), props(message_id, key))
+        ids.append(message_id)
+    # When a valid order follows them
+    user = unique("user")
+    sku = given_sku(system, events, price=100, stock=1)
+    place(system, user, [{"sku": sku, "quantity": 1}])
+    events.one("order.created", user_id=user, timeout=30)
+    # Then every consumer is still running and each random command was handled or parked
+    for queue, proc in system.processes.items():
+        assert proc.poll() is None, f"{queue} died"
+    done = {
+        r["message_id"]
+        for r in system.db.query("SELECT message_id FROM processed_messages WHERE message_id = ANY(%s)", ids)
+    }
+    rejected = {e.body["message_id"] for e in events.matching("command.rejected")}
+    assert set(ids) <= done | rejected
