@@ -1,6 +1,7 @@
 """The `orders` command: look at orders and stock, send commands, tend the parking lot, check health.
 
     orders show ORDER_NO [--json]          orders stock SKU [--json]
+    orders list [--user U] [--status S]    orders sign BODY_JSON
     orders send ROUTING_KEY BODY_JSON      orders parking-lot list | replay MESSAGE_ID|--all
     orders check [--json]                  orders refunds [--failed] | refund-retry REFUND_NO
     orders health [--json]                 orders report --since DATE [--csv]
@@ -109,8 +110,41 @@ def stock(sku: Annotated[str, typer.Argument(help="The SKU.")], as_json: JsonOpt
     _print_json(view) if as_json else _print(render.stock(view))
 
 
+@app.command("list")
+def list_orders(
+    user: Annotated[str | None, typer.Option(help="Only this user's orders.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Only orders in this status, e.g. PENDING_PAYMENT.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Recent parent orders (to find an order number)."""
+    with _database(_settings()) as engine, engine.connect() as conn:
+        rows = views.order_list(conn, user, status, limit)
+    _print_json(rows) if as_json else _print(render.rows_table("Orders", rows))
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands to the service
+
+
+@app.command()
+def sign(
+    body_json: Annotated[str, typer.Argument(help="A payment.notify or refund.result body, unsigned.")],
+) -> None:
+    """Print the body with its `signature` (HMAC-SHA256 with PAYMENT_WEBHOOK_SECRET), for smoke tests."""
+    from domain.signing import sign as hmac_sign
+
+    try:
+        body = json.loads(body_json)
+    except json.JSONDecodeError as exc:
+        fail(f"BODY_JSON is not valid JSON: {exc}", 2)
+    if not isinstance(body, dict):
+        fail("BODY_JSON must be a JSON object", 2)
+    body.pop("signature", None)
+    secret = _settings().payment_webhook_secret.get_secret_value()
+    typer.echo(json.dumps({**body, "signature": hmac_sign(body, secret)}, separators=(",", ":")))
 
 
 @app.command()

@@ -309,3 +309,18 @@ def unsent_outbox(conn: Connection) -> tuple[int, float | None]:
         )
     ).one()
     return int(row[0]), (float(row[1]) if row[1] is not None else None)
+
+
+def order_list(conn: Connection, user_id: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+    """Parent orders, newest first, optionally of one user and/or in one status."""
+    rows = conn.execute(
+        text(
+            "SELECT order_no, user_id, request_id, order_type, status, payable, placed_at, pay_deadline "
+            "FROM orders WHERE parent_no IS NULL "
+            "AND (CAST(:user_id AS text) IS NULL OR user_id = :user_id) "
+            "AND (CAST(:status AS text) IS NULL OR status = :status) "
+            "ORDER BY placed_at DESC, order_no DESC LIMIT :limit"
+        ),
+        {"user_id": user_id, "status": status, "limit": limit},
+    ).mappings()
+    return [dict(r) for r in rows]
