@@ -23,7 +23,9 @@ from settings import Settings, load_settings
 log = logging.getLogger("run_consumer")
 
 
-def _periodic(job: Callable[..., None], settings: Settings, engine: object) -> Callable[[threading.Event], None]:
+def _periodic(
+    job: Callable[..., None], settings: Settings, engine: object
+) -> Callable[[threading.Event], None]:
     def run_periodic(stop: threading.Event) -> None:
         while not stop.wait(settings.sweeper_interval.total_seconds()):
             try:
@@ -89,7 +91,9 @@ def supervise(queues: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("queues", nargs="*", metavar="QUEUE")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--list", action="store_true", help="print the queues the service consumes")

@@ -50,7 +50,10 @@ def grant_coupon(cmd: CouponGrant, uow: UnitOfWork) -> None:
     inserted = uow.conn.execute(
         pg_insert(t.coupons)
         .values(
-            code=cmd.code, user_id=cmd.user_id, amount=cmd.amount, min_spend=cmd.min_spend,
+            code=cmd.code,
+            user_id=cmd.user_id,
+            amount=cmd.amount,
+            min_spend=cmd.min_spend,
             expires_at=cmd.expires_at,
         )
         .on_conflict_do_nothing()
@@ -59,8 +62,13 @@ def grant_coupon(cmd: CouponGrant, uow: UnitOfWork) -> None:
     uow.emit(
         Evt.COUPON_GRANTED,
         {
-            "code": row.code, "user_id": row.user_id, "amount": row.amount, "min_spend": row.min_spend,
-            "expires_at": row.expires_at.isoformat(), "state": row.state, "already_granted": inserted == 0,
+            "code": row.code,
+            "user_id": row.user_id,
+            "amount": row.amount,
+            "min_spend": row.min_spend,
+            "expires_at": row.expires_at.isoformat(),
+            "state": row.state,
+            "already_granted": inserted == 0,
         },
     )
 

@@ -33,7 +33,9 @@ class OrderPlacement:
             )
         ).scalar()
         if existing:
-            raise Refusal(Reason.DUPLICATE_REQUEST, "this request_id already made an order", order_no=existing)
+            raise Refusal(
+                Reason.DUPLICATE_REQUEST, "this request_id already made an order", order_no=existing
+            )
 
         wanted = sorted({line.sku for line in cmd.items})
         snapshots = {
@@ -89,9 +91,15 @@ class OrderPlacement:
         )
         items = [
             {
-                "order_no": order_no, "line_no": ln.line_no, "sku": ln.sku, "name": ln.name,
-                "merchant_id": ln.merchant_id, "warehouse_id": ln.warehouse_id, "unit_price": ln.unit_price,
-                "quantity": ln.quantity, "line_total": ln.line_total,
+                "order_no": order_no,
+                "line_no": ln.line_no,
+                "sku": ln.sku,
+                "name": ln.name,
+                "merchant_id": ln.merchant_id,
+                "warehouse_id": ln.warehouse_id,
+                "unit_price": ln.unit_price,
+                "quantity": ln.quantity,
+                "line_total": ln.line_total,
             }
             for ln in lines
         ]
@@ -101,8 +109,14 @@ class OrderPlacement:
         if cmd.coupon_code:
             coupons.hold(conn, cmd.coupon_code, order_no)
 
-        uow.record(order_no, "PLACE", None, OrderStatus.PENDING_PAYMENT, f"user:{cmd.user_id}",
-                   {"payable": quote.payable, "request_id": cmd.request_id})
+        uow.record(
+            order_no,
+            "PLACE",
+            None,
+            OrderStatus.PENDING_PAYMENT,
+            f"user:{cmd.user_id}",
+            {"payable": quote.payable, "request_id": cmd.request_id},
+        )
         uow.emit(
             Evt.ORDER_CREATED,
             {

@@ -21,7 +21,11 @@ SWEEP_BATCH = 500
 
 
 def timer_kinds(settings: Settings) -> list[TimerKind]:
-    return [*payment.timer_kinds(settings), *fulfillment.timer_kinds(settings), *aftersale.timer_kinds(settings)]
+    return [
+        *payment.timer_kinds(settings),
+        *fulfillment.timer_kinds(settings),
+        *aftersale.timer_kinds(settings),
+    ]
 
 
 def _fire(kind: TimerKind) -> Route:

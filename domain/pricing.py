@@ -100,7 +100,9 @@ def coupon_discount(coupon: CouponTerms, user_id: str, goods_total: int, now: da
     if coupon.expires_at <= now:
         raise Refusal(Reason.COUPON_INVALID, "coupon has expired")
     if goods_total < coupon.min_spend:
-        raise Refusal(Reason.COUPON_INVALID, f"goods total {goods_total} is below min spend {coupon.min_spend}")
+        raise Refusal(
+            Reason.COUPON_INVALID, f"goods total {goods_total} is below min spend {coupon.min_spend}"
+        )
     return min(coupon.amount, goods_total)
 
 

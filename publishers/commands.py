@@ -13,8 +13,8 @@ lost connection a few times first.
 
 from __future__ import annotations
 
-import uuid
 import time
+import uuid
 from types import TracebackType
 from typing import Any
 

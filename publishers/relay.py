@@ -34,9 +34,7 @@ _CLAIM = text(
     "WHERE sent_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
 )
 _MARK_SENT = text("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = ANY(:ids)")
-_MARK_FAILED = text(
-    "UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = ANY(:ids)"
-)
+_MARK_FAILED = text("UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = ANY(:ids)")
 
 
 def properties_for(row: Any) -> pika.BasicProperties:
@@ -111,8 +109,13 @@ class OutboxRelay:
     def _listener(self) -> psycopg2.extensions.connection:
         url = make_url(self.engine.url)
         conn = psycopg2.connect(
-            host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database,
-            connect_timeout=5, application_name="order-centre-relay-listen",
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            password=url.password,
+            dbname=url.database,
+            connect_timeout=5,
+            application_name="order-centre-relay-listen",
         )
         conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         with conn.cursor() as cur:
@@ -127,7 +130,9 @@ class OutboxRelay:
                 self._run_connected(stop)
                 return
             except Exception as exc:  # any failure: broker or database down, drop and reconnect
-                log.warning("relay lost a connection; reconnecting", extra={"error": repr(exc), "in_s": backoff})
+                log.warning(
+                    "relay lost a connection; reconnecting", extra={"error": repr(exc), "in_s": backoff}
+                )
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 

@@ -49,11 +49,14 @@ def lock_line(conn: Connection, sku: str, quantity: int, preferred_warehouse: st
     # A concurrent order may take the chosen warehouse's last units between choosing and
     # updating; look again a couple of times before calling it out of stock.
     for _ in range(3):
-        warehouse = conn.execute(_LOCK_ONE, {"sku": sku, "q": quantity, "preferred": preferred_warehouse}).scalar()
+        warehouse = conn.execute(
+            _LOCK_ONE, {"sku": sku, "q": quantity, "preferred": preferred_warehouse}
+        ).scalar()
         if warehouse is not None:
             return str(warehouse)
         still_any = conn.execute(
-            text("SELECT 1 FROM stock WHERE sku = :sku AND available >= :q LIMIT 1"), {"sku": sku, "q": quantity}
+            text("SELECT 1 FROM stock WHERE sku = :sku AND available >= :q LIMIT 1"),
+            {"sku": sku, "q": quantity},
         ).scalar()
         if not still_any:
             break
@@ -68,8 +71,13 @@ def record_locks(conn: Connection, order_no: str, locks: list[tuple[int, StockMo
             "VALUES (:order_no, :line_no, :sku, :warehouse_id, :quantity, 'LOCKED')"
         ),
         [
-            {"order_no": order_no, "line_no": line_no, "sku": m.sku, "warehouse_id": m.warehouse_id,
-             "quantity": m.quantity}
+            {
+                "order_no": order_no,
+                "line_no": line_no,
+                "sku": m.sku,
+                "warehouse_id": m.warehouse_id,
+                "quantity": m.quantity,
+            }
             for line_no, m in locks
         ],
     )
@@ -96,7 +104,9 @@ _COUNTER_MOVES = {
 _SALES_DELTA = {(LOCKED, DEDUCTED): 1, (DEDUCTED, RESTORED): -1}
 
 
-def _apply(conn: Connection, order_no: str, child_order_no: str | None, src: str, dst: str) -> list[StockMove]:
+def _apply(
+    conn: Connection, order_no: str, child_order_no: str | None, src: str, dst: str
+) -> list[StockMove]:
     moves = _move(conn, order_no, child_order_no, src, dst)
     for m in moves:  # sorted by (sku, warehouse): a fixed lock order
         conn.execute(

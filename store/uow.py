@@ -83,7 +83,9 @@ class UnitOfWork:
         """Schedule a durable timer: it fires on the timeouts queue after `delay`."""
         body = {"kind": kind, "ref": ref, "due_at": (self.now + delay).isoformat(), **extra}
         self.outgoing.append(
-            OutboxRow(TIMERS_EXCHANGE, timer_routing_key(kind, delay), body, correlation_id=self.correlation_id)
+            OutboxRow(
+                TIMERS_EXCHANGE, timer_routing_key(kind, delay), body, correlation_id=self.correlation_id
+            )
         )
 
     def record(
