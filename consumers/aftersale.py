@@ -1,27 +1,422 @@
-"""Queue order.aftersale (scaffold: routes are added as the flows land)."""
+"""Queue order.aftersale: after-sale requests and reviews, merchant cancels, and their refund follow-ups."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import Row
+
 from consumers.loop import ConsumerSpec, Route
+from consumers.schemas import (
+    AftersaleApprove,
+    AftersaleReject,
+    AftersaleRequest,
+    AftersaleReturnReceived,
+    Command,
+    MerchantCancel,
+)
 from consumers.timers import TimerKind
-from domain.names import COMMANDS_EXCHANGE, AFTERSALE_QUEUE
+from domain.errors import Reason, Refusal
+from domain.names import AFTERSALE_QUEUE, COMMANDS_EXCHANGE, Cmd, Evt, Timer
+from domain.status import (
+    AFTERSALE_TRANSITIONS,
+    ORDER_TRANSITIONS,
+    AfterSaleAction,
+    AfterSaleStatus,
+    OrderAction,
+    can,
+)
 from settings import Settings
+from store import aftersales as store
+from store import numbers
+from store.orders import derive_parent, items_of, load_order, refusal_subject, require_order, transition
+from store.refunds import request_refund, retry_refund
+from store.stock import restore_stock
 from store.uow import UnitOfWork
+
+log = logging.getLogger("aftersale")
+
+SYSTEM = "system"
+REFUND_ONLY = "REFUND_ONLY"
+RETURN_REFUND = "RETURN_REFUND"
+# How a merchant's approval moves an after-sale, by kind.
+APPROVAL = {REFUND_ONLY: AfterSaleAction.APPROVE_REFUND, RETURN_REFUND: AfterSaleAction.APPROVE_RETURN}
+
+
+def merchant_of(conn: Any, order: Row[Any]) -> str:
+    """The merchant answerable for an order: a child's own, or a virtual order's seller."""
+    if order.merchant_id:
+        return str(order.merchant_id)
+    items = items_of(conn, order)
+    return str(items[0].merchant_id) if items else ""
+
+
+def require_merchant(aftersale_or_order: Row[Any], merchant_id: str, expected: str) -> None:
+    """Refusal(MERCHANT_MISMATCH) unless the command comes from the merchant answerable."""
+    if merchant_id != expected:
+        raise Refusal(
+            Reason.MERCHANT_MISMATCH,
+            f"merchant {merchant_id} does not sell order {aftersale_or_order.order_no}",
+            order_no=aftersale_or_order.order_no,
+        )
+
+
+def lock_claim(conn: Any, aftersale_no: str) -> tuple[Row[Any], Row[Any]]:
+    """The after-sale and its order, both locked, the order first (the lock order every flow uses)."""
+    peek = store.load_aftersale(conn, aftersale_no, lock=False)
+    if peek is None:
+        raise Refusal(Reason.UNKNOWN_AFTERSALE, f"no after-sale {aftersale_no}", aftersale_no=aftersale_no)
+    order = require_order(conn, peek.order_no)
+    return store.require_aftersale(conn, aftersale_no), order
+
+
+class AfterSales:
+    """The reverse flow: after-sale requests, the merchant's review, returns and merchant cancels."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.review_timeout: timedelta = settings.aftersale_review_timeout
+
+    # -- aftersale.request ----------------------------------------------------------------------
+
+    def request(self, cmd: AftersaleRequest, uow: UnitOfWork) -> None:
+        """Open an after-sale on a child (or virtual) order for at most what is still refundable."""
+        conn = uow.conn
+        order = require_order(conn, cmd.order_no)
+        if order.user_id != cmd.user_id:
+            raise Refusal(
+                Reason.NOT_YOUR_ORDER,
+                f"order {order.order_no} belongs to another user",
+                order_no=order.order_no,
+            )
+        if order.parent_no is None and order.order_type != "virtual":
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"order {order.order_no} is a parent order; name one of its children",
+                order_no=order.order_no,
+            )
+        # An order that can still be closed by a refund is one that can take an after-sale.
+        if not can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE):
+            raise Refusal(
+                Reason.INVALID_STATE, f"order {order.order_no} is {order.status}", order_no=order.order_no
+            )
+        if store.load_cancellation(conn, order.order_no) is not None:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"order {order.order_no} is being cancelled by its merchant",
+                order_no=order.order_no,
+            )
+        left = store.refundable(conn, order)
+        if cmd.amount > left:
+            raise Refusal(
+                Reason.AMOUNT_EXCEEDS_REFUNDABLE,
+                f"{cmd.amount} asked, {left} refundable",
+                order_no=order.order_no,
+                refundable=left,
+            )
+        aftersale_no = numbers.next_number(conn, numbers.AFTERSALE, uow.now)
+        merchant_id = merchant_of(conn, order)
+        deadline = uow.now + self.review_timeout
+        store.create_aftersale(
+            uow, aftersale_no, order, merchant_id, cmd.kind, cmd.amount, cmd.reason, deadline
+        )
+        uow.record(
+            order.order_no,
+            "AFTERSALE_REQUESTED",
+            None,
+            None,
+            f"user:{cmd.user_id}",
+            {"aftersale_no": aftersale_no, "kind": cmd.kind, "amount": cmd.amount, "reason": cmd.reason},
+        )
+        uow.emit(
+            Evt.AFTERSALE_REQUESTED,
+            {
+                "aftersale_no": aftersale_no,
+                "order_no": order.order_no,
+                "status": AfterSaleStatus.PENDING_REVIEW,
+                "kind": cmd.kind,
+                "amount": cmd.amount,
+                "user_id": cmd.user_id,
+                "merchant_id": merchant_id,
+                "reason": cmd.reason,
+                "review_deadline": deadline.isoformat(),
+            },
+        )
+        uow.start_timer(Timer.AFTERSALE_REVIEW, aftersale_no, self.review_timeout)
+
+    # -- the merchant's review --------------------------------------------------------------------
+
+    def approve(self, cmd: AftersaleApprove, uow: UnitOfWork) -> None:
+        """The merchant approves: wait for the goods (RETURN_REFUND) or refund now (REFUND_ONLY)."""
+        aftersale, order = lock_claim(uow.conn, cmd.aftersale_no)
+        require_merchant(aftersale, cmd.merchant_id, aftersale.merchant_id)
+        if not can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE):
+            raise Refusal(
+                Reason.INVALID_STATE, f"order {order.order_no} is {order.status}", order_no=order.order_no
+            )
+        self._approve(uow, aftersale, f"merchant:{cmd.merchant_id}")
+
+    def _approve(self, uow: UnitOfWork, aftersale: Row[Any], actor: str) -> None:
+        status = store.move_aftersale(uow, aftersale, APPROVAL[aftersale.kind], actor)
+        uow.emit(
+            Evt.AFTERSALE_APPROVED,
+            {
+                "aftersale_no": aftersale.aftersale_no,
+                "order_no": aftersale.order_no,
+                "status": status,
+                "kind": aftersale.kind,
+                "amount": aftersale.amount,
+                "by": actor,
+            },
+        )
+        if status == AfterSaleStatus.AWAITING_REFUND:
+            self._refund(uow, aftersale, actor)
+
+    def _refund(self, uow: UnitOfWork, aftersale: Row[Any], actor: str) -> None:
+        refund_no = request_refund(
+            uow, aftersale.order_no, aftersale.amount, Reason.AFTERSALE, aftersale.aftersale_no, actor
+        )
+        store.set_refund_no(uow.conn, aftersale.aftersale_no, refund_no)
+
+    def reject(self, cmd: AftersaleReject, uow: UnitOfWork) -> None:
+        """The merchant turns the request down: REJECTED (aftersale.rejected)."""
+        aftersale, _ = lock_claim(uow.conn, cmd.aftersale_no)
+        require_merchant(aftersale, cmd.merchant_id, aftersale.merchant_id)
+        status = store.move_aftersale(
+            uow, aftersale, AfterSaleAction.REJECT, f"merchant:{cmd.merchant_id}", reject_reason=cmd.reason
+        )
+        uow.emit(
+            Evt.AFTERSALE_REJECTED,
+            {
+                "aftersale_no": aftersale.aftersale_no,
+                "order_no": aftersale.order_no,
+                "status": status,
+                "kind": aftersale.kind,
+                "amount": aftersale.amount,
+                "reason": cmd.reason,
+            },
+        )
+
+    def return_received(self, cmd: AftersaleReturnReceived, uow: UnitOfWork) -> None:
+        """The returned goods arrived at the merchant: AWAITING_REFUND and the refund is requested."""
+        aftersale, _ = lock_claim(uow.conn, cmd.aftersale_no)
+        require_merchant(aftersale, cmd.merchant_id, aftersale.merchant_id)
+        actor = f"merchant:{cmd.merchant_id}"
+        store.move_aftersale(uow, aftersale, AfterSaleAction.RETURN_RECEIVED, actor)
+        self._refund(uow, aftersale, actor)
+
+    def review_timeout_fired(self, uow: UnitOfWork, aftersale_no: str) -> None:
+        """Timer AFTERSALE_REVIEW: the merchant did not answer in time, so the system approves."""
+        try:
+            aftersale, order = lock_claim(uow.conn, aftersale_no)
+        except Refusal:
+            return  # unknown: nothing to do
+        if not can(AFTERSALE_TRANSITIONS, aftersale.status, APPROVAL[aftersale.kind]):
+            return  # answered or closed: nothing to do
+        if not can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE):
+            # The order was closed meanwhile: nothing is left to refund, so the claim lapses.
+            store.move_aftersale(uow, aftersale, AfterSaleAction.CLOSE, SYSTEM)
+            return
+        self._approve(uow, aftersale, SYSTEM)
+
+    def aftersale_refunded(self, uow: UnitOfWork, refund: Any) -> None:
+        """Refund follow-up AFTERSALE: SUCCEEDED, and the order closed if it is now fully refunded."""
+        load_order(uow.conn, refund.order_no)  # lock the order before its after-sale, as every flow does
+        aftersale = store.load_aftersale(uow.conn, refund.source_ref)
+        if aftersale is None or not can(
+            AFTERSALE_TRANSITIONS, aftersale.status, AfterSaleAction.REFUND_SUCCEEDED
+        ):
+            log.warning("refund of an after-sale not awaiting one", extra={"refund_no": refund.refund_no})
+            return
+        status = store.move_aftersale(uow, aftersale, AfterSaleAction.REFUND_SUCCEEDED, SYSTEM)
+        uow.emit(
+            Evt.AFTERSALE_COMPLETED,
+            {
+                "aftersale_no": aftersale.aftersale_no,
+                "order_no": aftersale.order_no,
+                "status": status,
+                "kind": aftersale.kind,
+                "amount": aftersale.amount,
+                "refund_no": refund.refund_no,
+            },
+        )
+        order = load_order(uow.conn, aftersale.order_no)
+        if (
+            order is not None
+            and order.refunded_amount >= order.paid_amount
+            and can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE)
+        ):
+            close_refunded(uow, order, Reason.AFTERSALE)
+
+    # -- merchant.cancel --------------------------------------------------------------------------
+
+    def merchant_cancel(self, cmd: MerchantCancel, uow: UnitOfWork) -> None:
+        """The merchant cancels a paid, unshipped child: the operation record and the refund (once)."""
+        conn = uow.conn
+        order = require_order(conn, cmd.order_no)
+        if order.parent_no is None:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"order {order.order_no} is not a child order; name the child to cancel",
+                order_no=order.order_no,
+            )
+        require_merchant(order, cmd.merchant_id, merchant_of(conn, order))
+        actor = f"merchant:{cmd.merchant_id}"
+        existing = store.load_cancellation(conn, order.order_no)
+        if existing is not None and existing.refund_no:
+            # A repeat: resume rather than start again (a failed refund is submitted once more).
+            retried = retry_refund(uow, existing.refund_no, actor)
+            uow.record(
+                order.order_no,
+                "MERCHANT_CANCEL_REPEATED",
+                order.status,
+                order.status,
+                actor,
+                {"step": existing.step, "refund_no": existing.refund_no, "refund_retried": retried},
+            )
+            return
+        if order.shipped_at is not None:
+            raise Refusal(
+                Reason.ALREADY_SHIPPED, f"order {order.order_no} has shipped", order_no=order.order_no
+            )
+        # Only an order still waiting to ship may be cancelled by its merchant.
+        if not can(ORDER_TRANSITIONS, order.status, OrderAction.SHIP):
+            raise Refusal(
+                Reason.INVALID_STATE, f"order {order.order_no} is {order.status}", order_no=order.order_no
+            )
+        # Claims not yet behind a refund are void: the whole remainder is refunded now.
+        for claim in store.open_unrefunded(conn, order.order_no):
+            store.move_aftersale(uow, claim, AfterSaleAction.CLOSE, actor)
+        amount = store.refundable(conn, order)
+        if amount <= 0:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"order {order.order_no} has nothing left to refund",
+                order_no=order.order_no,
+            )
+        store.create_cancellation(uow, order.order_no, cmd.merchant_id, cmd.reason)
+        uow.record(
+            order.order_no,
+            "MERCHANT_CANCEL_REQUESTED",
+            order.status,
+            order.status,
+            actor,
+            {"reason": cmd.reason, "amount": amount},
+        )
+        refund_no = request_refund(uow, order.order_no, amount, Reason.MERCHANT_CANCEL, order.order_no, actor)
+        store.advance_cancellation(
+            uow, order.order_no, store.STEP_REFUND_REQUESTED, actor, refund_no=refund_no
+        )
+
+    def merchant_cancel_refunded(self, uow: UnitOfWork, refund: Any) -> None:
+        """Refund follow-up MERCHANT_CANCEL: refunded -> stock restored -> closed, each step once."""
+        conn = uow.conn
+        order = load_order(conn, refund.source_ref)
+        record = store.load_cancellation(conn, refund.source_ref)
+        if record is None or order is None:
+            log.warning("refund of a merchant cancel with no record", extra={"refund_no": refund.refund_no})
+            return
+        if record.step == store.STEP_REFUND_REQUESTED:
+            store.advance_cancellation(uow, order.order_no, store.STEP_REFUNDED, SYSTEM)
+        # The ledger guards the restore: a line already restored is never restored twice.
+        moves = restore_stock(
+            conn, order.parent_no or order.order_no, order.order_no if order.parent_no else None
+        )
+        if moves:
+            uow.record(
+                order.order_no,
+                "STOCK_RESTORED",
+                order.status,
+                order.status,
+                SYSTEM,
+                {"items": [m.as_event_item() for m in moves]},
+            )
+            uow.emit(
+                Evt.STOCK_RESTORED,
+                {
+                    "order_no": order.order_no,
+                    "parent_no": order.parent_no,
+                    "reason": Reason.MERCHANT_CANCEL,
+                    "items": [m.as_event_item() for m in moves],
+                },
+            )
+        if can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE):
+            close_refunded(uow, order, Reason.MERCHANT_CANCEL)
+        if record.step != store.STEP_CLOSED:
+            store.advance_cancellation(uow, order.order_no, store.STEP_CLOSED, SYSTEM)
+
+
+def close_refunded(uow: UnitOfWork, order: Row[Any], reason: str) -> None:
+    """REFUND_CLOSE an order (order.closed) and derive its parent."""
+    status = transition(uow, order, OrderAction.REFUND_CLOSE, SYSTEM, {"reason": reason}, closed_at=uow.now)
+    uow.emit(
+        Evt.ORDER_CLOSED,
+        {
+            "order_no": order.order_no,
+            "parent_no": order.parent_no,
+            "user_id": order.user_id,
+            "status": status,
+            "reason": reason,
+            "refunded_amount": order.refunded_amount,
+            "closed_at": uow.now.isoformat(),
+        },
+    )
+    derive_parent(uow, order.parent_no, SYSTEM)
+
+
+def announce_refusal(cmd: Command, refusal: Refusal, uow: UnitOfWork) -> None:
+    """order.rejected for a refused after-sale or merchant-cancel command, naming the command."""
+    aftersale_no = getattr(cmd, "aftersale_no", None)
+    order_no = refusal.fields.get("order_no") or getattr(cmd, "order_no", None)
+    if order_no is None and aftersale_no is not None:
+        found = store.load_aftersale(uow.conn, aftersale_no, lock=False)
+        order_no = found.order_no if found is not None else None
+    subject = refusal_subject(uow.conn, str(order_no) if order_no else None)
+    sender = getattr(cmd, "user_id", None)
+    if sender is not None and sender != subject["user_id"]:
+        # Answer the sender; never hand them another user's identifiers.
+        subject.update(user_id=sender, request_id=None)
+    body: dict[str, Any] = {
+        **subject,
+        "reason": refusal.reason,
+        "detail": refusal.detail,
+        "command": uow.envelope.routing_key,
+        **{k: v for k, v in refusal.fields.items() if k != "order_no"},
+    }
+    if aftersale_no is not None:
+        body["aftersale_no"] = aftersale_no
+    merchant_id = getattr(cmd, "merchant_id", None)
+    if merchant_id is not None:
+        body["merchant_id"] = merchant_id
+    uow.emit(Evt.ORDER_REJECTED, body)
 
 
 def spec(settings: Settings) -> ConsumerSpec:
-    routes: dict[str, Route] = {}
+    flows = AfterSales(settings)
+    routes: dict[str, Route] = {
+        Cmd.AFTERSALE_REQUEST: Route(AftersaleRequest, flows.request, announce_refusal),
+        Cmd.AFTERSALE_APPROVE: Route(AftersaleApprove, flows.approve, announce_refusal),
+        Cmd.AFTERSALE_REJECT: Route(AftersaleReject, flows.reject, announce_refusal),
+        Cmd.AFTERSALE_RETURN_RECEIVED: Route(
+            AftersaleReturnReceived, flows.return_received, announce_refusal
+        ),
+        Cmd.MERCHANT_CANCEL: Route(MerchantCancel, flows.merchant_cancel, announce_refusal),
+    }
     return ConsumerSpec(AFTERSALE_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
 
 
 def timer_kinds(settings: Settings) -> list[TimerKind]:
     """The timers this module's flows start."""
-    return []
+    flows = AfterSales(settings)
+    return [TimerKind(Timer.AFTERSALE_REVIEW, flows.review_timeout_fired, store.overdue_reviews)]
 
 
 def refund_followups(settings: Settings) -> dict[str, Callable[[UnitOfWork, Any], None]]:
     """What happens after a refund of each source this module creates succeeds."""
-    return {}
+    flows = AfterSales(settings)
+    return {
+        Reason.AFTERSALE: flows.aftersale_refunded,
+        Reason.MERCHANT_CANCEL: flows.merchant_cancel_refunded,
+    }

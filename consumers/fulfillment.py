@@ -1,27 +1,333 @@
-"""Queue order.fulfillment (scaffold: routes are added as the flows land)."""
+"""Queue order.fulfillment: address changes, shipping, logistics tracking and receipt (by hand or timer)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection, Row, select
+
 from consumers.loop import ConsumerSpec, Route
+from consumers.schemas import (
+    Command,
+    LogisticsUpdate,
+    OrderConfirmReceipt,
+    OrderShip,
+    OrderUpdateAddress,
+)
 from consumers.timers import TimerKind
-from domain.names import COMMANDS_EXCHANGE, FULFILLMENT_QUEUE
+from domain.errors import Reason, Refusal
+from domain.names import COMMANDS_EXCHANGE, FULFILLMENT_QUEUE, Cmd, Evt, Timer
+from domain.status import ORDER_TRANSITIONS, OrderAction, OrderStatus, can
 from settings import Settings
+from store import tables as t
+from store.orders import (
+    children_of,
+    derive_parent,
+    load_order,
+    refusal_subject,
+    require_order,
+    transition,
+    update_columns,
+)
 from store.uow import UnitOfWork
+
+SYSTEM = "system"
+LOGISTICS_UPDATE = "LOGISTICS_UPDATE"  # timeline action of a carrier's tracking update
+
+
+def require_owner(order: Row[Any], user_id: str) -> None:
+    """Refusal(NOT_YOUR_ORDER) unless the user placed the order."""
+    if order.user_id != user_id:
+        raise Refusal(
+            Reason.NOT_YOUR_ORDER, f"order {order.order_no} belongs to another user", order_no=order.order_no
+        )
+
+
+def require_shippable_unit(conn: Connection, order: Row[Any]) -> None:
+    """A command that takes a child must not name a parent that was split (nor a virtual order)."""
+    if order.order_type == "virtual":
+        raise Refusal(
+            Reason.VIRTUAL_ORDER,
+            f"order {order.order_no} is virtual and never ships",
+            order_no=order.order_no,
+        )
+    if order.parent_no is None:
+        raise Refusal(
+            Reason.INVALID_STATE,
+            f"order {order.order_no} is a parent order; name one of its children",
+            order_no=order.order_no,
+        )
+
+
+class Fulfillment:
+    """The forward flow after payment: ship each child, track it, and complete it on receipt."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.auto_confirm_after: timedelta = settings.auto_confirm_receipt_after
+
+    # -- order.update-address -----------------------------------------------------------------
+
+    def update_address(self, cmd: OrderUpdateAddress, uow: UnitOfWork) -> None:
+        """Change the receiver of a parent and its children while none of them has shipped."""
+        conn = uow.conn
+        found = require_order(conn, cmd.order_no, lock=False)
+        require_owner(found, cmd.user_id)
+        if found.parent_no is not None:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"order {found.order_no} is a child; change the address on its parent {found.parent_no}",
+                order_no=found.order_no,
+            )
+        # Lock children before the parent: the same order as ship/confirm (child, then parent).
+        children = children_of(conn, cmd.order_no, lock=True)
+        parent = require_order(conn, cmd.order_no)
+        shipped = [c.order_no for c in children if c.shipped_at is not None]
+        if shipped or parent.shipped_at is not None:
+            raise Refusal(
+                Reason.ALREADY_SHIPPED,
+                f"already shipped: {', '.join(shipped) or parent.order_no}",
+                order_no=parent.order_no,
+            )
+        if not can(ORDER_TRANSITIONS, parent.status, OrderAction.UPDATE_ADDRESS):
+            raise Refusal(
+                Reason.INVALID_STATE, f"order {parent.order_no} is {parent.status}", order_no=parent.order_no
+            )
+        receiver = cmd.receiver.model_dump()
+        actor = f"user:{cmd.user_id}"
+        update_columns(uow, parent, receiver=receiver)
+        uow.record(
+            parent.order_no,
+            OrderAction.UPDATE_ADDRESS.value,
+            parent.status,
+            parent.status,
+            actor,
+            {"receiver": receiver, "previous": parent.receiver},
+        )
+        updated = [parent.order_no]
+        for child in children:
+            if can(ORDER_TRANSITIONS, child.status, OrderAction.UPDATE_ADDRESS):
+                update_columns(uow, child, receiver=receiver)
+                uow.record(
+                    child.order_no,
+                    OrderAction.UPDATE_ADDRESS.value,
+                    child.status,
+                    child.status,
+                    actor,
+                    {"receiver": receiver},
+                )
+                updated.append(child.order_no)
+        uow.emit(
+            Evt.ORDER_ADDRESS_UPDATED,
+            {
+                "order_no": parent.order_no,
+                "user_id": parent.user_id,
+                "status": parent.status,
+                "receiver": receiver,
+                "orders": updated,
+            },
+        )
+
+    # -- order.ship ---------------------------------------------------------------------------
+
+    def ship(self, cmd: OrderShip, uow: UnitOfWork) -> None:
+        """A paid child leaves the warehouse: SHIPPED, its auto-confirm timer starts."""
+        conn = uow.conn
+        order = require_order(conn, cmd.order_no)
+        require_shippable_unit(conn, order)
+        being_cancelled = conn.execute(
+            select(t.merchant_cancellations.c.step).where(
+                t.merchant_cancellations.c.order_no == order.order_no
+            )
+        ).scalar()
+        if being_cancelled:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"order {order.order_no} is being cancelled by its merchant",
+                order_no=order.order_no,
+            )
+        status = transition(
+            uow,
+            order,
+            OrderAction.SHIP,
+            f"merchant:{order.merchant_id}",
+            {"carrier": cmd.carrier, "tracking_no": cmd.tracking_no},
+            carrier=cmd.carrier,
+            tracking_no=cmd.tracking_no,
+            shipped_at=uow.now,
+        )
+        uow.emit(
+            Evt.ORDER_SHIPPED,
+            {
+                "order_no": order.order_no,
+                "parent_no": order.parent_no,
+                "user_id": order.user_id,
+                "merchant_id": order.merchant_id,
+                "status": status,
+                "carrier": cmd.carrier,
+                "tracking_no": cmd.tracking_no,
+                "shipped_at": uow.now.isoformat(),
+                "auto_confirm_at": (uow.now + self.auto_confirm_after).isoformat(),
+            },
+        )
+        derive_parent(uow, order.parent_no, SYSTEM)
+        uow.start_timer(Timer.AUTO_CONFIRM, order.order_no, self.auto_confirm_after)
+
+    # -- logistics.update ---------------------------------------------------------------------
+
+    def logistics(self, cmd: LogisticsUpdate, uow: UnitOfWork) -> None:
+        """Keep a carrier update in the timeline; only a newer one replaces the current status."""
+        conn = uow.conn
+        order = require_order(conn, cmd.order_no)
+        require_shippable_unit(conn, order)
+        if order.shipped_at is None:
+            raise Refusal(
+                Reason.INVALID_STATE, f"order {order.order_no} has not shipped", order_no=order.order_no
+            )
+        if cmd.tracking_no != order.tracking_no:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"tracking number {cmd.tracking_no} is not {order.order_no}'s ({order.tracking_no})",
+                order_no=order.order_no,
+            )
+        at = cmd.at.isoformat()
+        if self._already_kept(conn, order.order_no, cmd.tracking_no, cmd.status, at):
+            return  # an exact repeat of an update already kept: nothing new to say
+        current = order.logistics_at is None or cmd.at >= order.logistics_at
+        uow.record(
+            order.order_no,
+            LOGISTICS_UPDATE,
+            order.status,
+            order.status,
+            f"carrier:{order.carrier}",
+            {
+                "tracking_no": cmd.tracking_no,
+                "status": cmd.status,
+                "at": at,
+                "detail": cmd.detail,
+                "current": current,
+            },
+        )
+        if current:
+            update_columns(uow, order, logistics_status=cmd.status, logistics_at=cmd.at)
+        uow.emit(
+            Evt.ORDER_LOGISTICS_UPDATED,
+            {
+                "order_no": order.order_no,
+                "status": order.status,
+                "tracking_no": cmd.tracking_no,
+                "logistics_status": cmd.status,
+                "at": at,
+                "detail": cmd.detail,
+                "current": current,
+                "current_logistics_status": cmd.status if current else order.logistics_status,
+            },
+        )
+
+    @staticmethod
+    def _already_kept(conn: Connection, order_no: str, tracking_no: str, status: str, at: str) -> bool:
+        detail = t.order_timeline.c.detail
+        return (
+            conn.execute(
+                select(t.order_timeline.c.id)
+                .where(
+                    t.order_timeline.c.order_no == order_no,
+                    t.order_timeline.c.action == LOGISTICS_UPDATE,
+                    detail["tracking_no"].astext == tracking_no,
+                    detail["status"].astext == status,
+                    detail["at"].astext == at,
+                )
+                .limit(1)
+            ).first()
+            is not None
+        )
+
+    # -- order.confirm-receipt and the auto-confirm timer --------------------------------------
+
+    def confirm_receipt(self, cmd: OrderConfirmReceipt, uow: UnitOfWork) -> None:
+        """The user confirms receipt of a shipped child: COMPLETED."""
+        order = require_order(uow.conn, cmd.order_no)
+        require_owner(order, cmd.user_id)
+        require_shippable_unit(uow.conn, order)
+        self._complete(uow, order, f"user:{cmd.user_id}", auto=False)
+
+    def auto_confirm(self, uow: UnitOfWork, order_no: str) -> None:
+        """Timer AUTO_CONFIRM: complete the child if it is still shipped and unconfirmed."""
+        order = load_order(uow.conn, order_no)
+        if order is None or not can(ORDER_TRANSITIONS, order.status, OrderAction.CONFIRM_RECEIPT):
+            return  # confirmed, closed or unknown: the timer has nothing left to do
+        self._complete(uow, order, SYSTEM, auto=True)
+
+    def _complete(self, uow: UnitOfWork, order: Row[Any], actor: str, auto: bool) -> None:
+        status = transition(
+            uow, order, OrderAction.CONFIRM_RECEIPT, actor, {"auto": auto}, completed_at=uow.now
+        )
+        uow.emit(
+            Evt.ORDER_COMPLETED,
+            {
+                "order_no": order.order_no,
+                "parent_no": order.parent_no,
+                "user_id": order.user_id,
+                "status": status,
+                "completed_at": uow.now.isoformat(),
+                "auto_confirmed": auto,
+            },
+        )
+        derive_parent(uow, order.parent_no, SYSTEM)
+
+    def overdue_receipts(self, conn: Connection, cutoff: datetime, limit: int) -> list[str]:
+        """Shipped children whose auto-confirm deadline is before `cutoff` (SKIP LOCKED)."""
+        rows = conn.execute(
+            select(t.orders.c.order_no)
+            .where(
+                t.orders.c.status == OrderStatus.SHIPPED,
+                t.orders.c.shipped_at < cutoff - self.auto_confirm_after,
+            )
+            .order_by(t.orders.c.shipped_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        return [r.order_no for r in rows]
+
+
+def announce_refusal(cmd: Command, refusal: Refusal, uow: UnitOfWork) -> None:
+    """order.rejected for a refused fulfillment command (with the order's user when known)."""
+    order_no = refusal.fields.get("order_no") or getattr(cmd, "order_no", None)
+    subject = refusal_subject(uow.conn, str(order_no) if order_no else None)
+    sender = getattr(cmd, "user_id", None)
+    if sender is not None and sender != subject["user_id"]:
+        # Answer the sender; never hand them another user's identifiers.
+        subject.update(user_id=sender, request_id=None)
+    uow.emit(
+        Evt.ORDER_REJECTED,
+        {
+            **subject,
+            "reason": refusal.reason,
+            "detail": refusal.detail,
+            "command": uow.envelope.routing_key,
+            **{k: v for k, v in refusal.fields.items() if k != "order_no"},
+        },
+    )
 
 
 def spec(settings: Settings) -> ConsumerSpec:
-    routes: dict[str, Route] = {}
+    fulfillment = Fulfillment(settings)
+    routes: dict[str, Route] = {
+        Cmd.ORDER_UPDATE_ADDRESS: Route(OrderUpdateAddress, fulfillment.update_address, announce_refusal),
+        Cmd.ORDER_SHIP: Route(OrderShip, fulfillment.ship, announce_refusal),
+        Cmd.LOGISTICS_UPDATE: Route(LogisticsUpdate, fulfillment.logistics, announce_refusal),
+        Cmd.ORDER_CONFIRM_RECEIPT: Route(OrderConfirmReceipt, fulfillment.confirm_receipt, announce_refusal),
+    }
     return ConsumerSpec(FULFILLMENT_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
 
 
 def timer_kinds(settings: Settings) -> list[TimerKind]:
     """The timers this module's flows start."""
-    return []
+    fulfillment = Fulfillment(settings)
+    return [TimerKind(Timer.AUTO_CONFIRM, fulfillment.auto_confirm, fulfillment.overdue_receipts)]
 
 
 def refund_followups(settings: Settings) -> dict[str, Callable[[UnitOfWork, Any], None]]:
-    """What happens after a refund of each source this module creates succeeds."""
+    """What happens after a refund of each source this module creates succeeds (none: it makes no refunds)."""
     return {}

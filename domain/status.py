@@ -25,6 +25,7 @@ class OrderAction(StrEnum):
     CONFIRM_RECEIPT = "CONFIRM_RECEIPT"
     COMPLETE_VIRTUAL = "COMPLETE_VIRTUAL"
     REFUND_CLOSE = "REFUND_CLOSE"
+    UPDATE_ADDRESS = "UPDATE_ADDRESS"  # no status change: allowed only while nothing has shipped
 
 
 class AfterSaleStatus(StrEnum):
@@ -68,6 +69,8 @@ ORDER_TRANSITIONS: dict[tuple[OrderStatus, OrderAction], OrderStatus] = {
     (S.PAID, A.REFUND_CLOSE): S.CLOSED,
     (S.SHIPPED, A.REFUND_CLOSE): S.CLOSED,
     (S.COMPLETED, A.REFUND_CLOSE): S.CLOSED,
+    (S.PENDING_PAYMENT, A.UPDATE_ADDRESS): S.PENDING_PAYMENT,
+    (S.PAID, A.UPDATE_ADDRESS): S.PAID,
 }
 
 AS, AA = AfterSaleStatus, AfterSaleAction

@@ -7,7 +7,8 @@ from typing import Any
 from sqlalchemy import Connection, Row, select, update
 
 from domain.errors import ConcurrentUpdate, Reason, Refusal
-from domain.status import OrderAction, next_order_status
+from domain.names import Evt
+from domain.status import OrderAction, OrderStatus, next_order_status
 from store import tables as t
 from store.uow import UnitOfWork
 
@@ -123,3 +124,42 @@ def recompute_parent(uow: UnitOfWork, parent_no: str, actor: str) -> str | None:
     }.get(derived.value, {})
     set_status(uow, parent, derived, "DERIVE_FROM_CHILDREN", actor, None, **stamps)
     return derived.value
+
+
+# The event that announces a parent's derived status.
+_PARENT_EVENTS = {
+    OrderStatus.SHIPPED: Evt.ORDER_SHIPPED,
+    OrderStatus.COMPLETED: Evt.ORDER_COMPLETED,
+    OrderStatus.CLOSED: Evt.ORDER_CLOSED,
+}
+
+
+def derive_parent(uow: UnitOfWork, parent_no: str | None, actor: str) -> str | None:
+    """recompute_parent, then announce the parent's new status (order.shipped/completed/closed)."""
+    if parent_no is None:
+        return None
+    derived = recompute_parent(uow, parent_no, actor)
+    event = _PARENT_EVENTS.get(OrderStatus(derived)) if derived else None
+    if derived is not None and event is not None:
+        uow.emit(event, {"order_no": parent_no, "status": derived, "derived_from_children": True})
+    return derived
+
+
+def refusal_subject(conn: Connection, order_no: str | None) -> dict[str, Any]:
+    """`order_no`, `user_id` and `request_id` of an order for a refusal event (None when unknown)."""
+    order = load_order(conn, order_no, lock=False) if order_no else None
+    if order is None:
+        return {"order_no": order_no, "user_id": None, "request_id": None}
+    request_id = order.request_id
+    if request_id is None and order.parent_no:
+        request_id = conn.execute(
+            select(t.orders.c.request_id).where(t.orders.c.order_no == order.parent_no)
+        ).scalar()
+    return {"order_no": order.order_no, "user_id": order.user_id, "request_id": request_id}
+
+
+def add_refunded(uow: UnitOfWork, order_no: str, amount: int) -> None:
+    """Count a refund that succeeded against the order it was paid for (under the version guard)."""
+    order = load_order(uow.conn, order_no)
+    if order is not None:
+        update_columns(uow, order, refunded_amount=order.refunded_amount + amount)
