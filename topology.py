@@ -74,7 +74,7 @@ _SAFE_DEAD_LETTERING = {
 
 def build(settings: Settings, consumer_bindings: dict[str, tuple[tuple[str, str], ...]]) -> Topology:
     """The whole topology for these settings and consumers (pure: no I/O)."""
-    exchanges = (
+    exchanges: tuple[tuple[str, str, dict[str, Any]], ...] = (
         (n.UNROUTED_EXCHANGE, "fanout", {}),
         (n.COMMANDS_EXCHANGE, "topic", {"alternate-exchange": n.UNROUTED_EXCHANGE}),
         (n.EVENTS_EXCHANGE, "topic", {}),

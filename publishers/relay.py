@@ -23,6 +23,7 @@ import psycopg2.extensions
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
+import metrics
 from consumers.loop import connection_parameters
 from domain.names import EVENTS_EXCHANGE
 from settings import Settings
@@ -31,8 +32,11 @@ log = logging.getLogger("relay")
 
 _CLAIM = text(
     "SELECT id, message_id, exchange, routing_key, correlation_id, body, headers FROM outbox "
-    "WHERE sent_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+    "WHERE sent_at IS NULL AND (attempts = 0 OR :include_failed) ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
 )
+# Rows the broker refused are tried again this often, after the fresh ones, so they never block them.
+FAILED_RETRY_SECONDS = 10.0
+CONFIRM_TIMEOUT_SECONDS = 30.0
 _MARK_SENT = text("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = ANY(:ids)")
 _MARK_FAILED = text("UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = ANY(:ids)")
 
@@ -58,6 +62,66 @@ def encode(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+class ConfirmedPublisher:
+    """A channel in confirm mode with many confirms outstanding.
+
+    pika's BlockingChannel in confirm mode waits for each message's confirm (about a thousand
+    messages a second). Here confirm mode is switched on for the underlying channel with our
+    own callback, so a whole batch is written at once and its confirms (often `multiple`) are
+    collected while the connection processes I/O.
+    """
+
+    def __init__(self, connection: pika.BlockingConnection) -> None:
+        self.connection = connection
+        self.channel = connection.channel()
+        self.next_tag = 1  # delivery tags count up over the channel's life
+        self.outstanding: dict[int, str] = {}  # delivery tag -> message_id
+        self.nacked: set[str] = set()
+        self.returned: set[str] = set()
+        self.channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm)  # noqa: SLF001
+        self.channel.add_on_return_callback(self._on_return)
+
+    def publish(
+        self, message_id: str, exchange: str, routing_key: str, body: bytes, props: pika.BasicProperties
+    ) -> None:
+        # Record first: publishing flushes I/O, and this message's confirm may arrive during it.
+        self.outstanding[self.next_tag] = message_id
+        self.next_tag += 1
+        self.channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
+
+    def wait(self, timeout: float) -> tuple[set[str], set[str]]:
+        """Process I/O until every publish is confirmed; returns (nacked, returned) message ids.
+
+        TimeoutError when confirms do not come: the caller's transaction rolls back and its rows
+        stay unsent.
+        """
+        deadline = time.monotonic() + timeout
+        while self.outstanding:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.outstanding)} publisher confirms did not arrive")
+            self.connection.process_data_events(time_limit=0.05)
+        # Returns are dispatched by the blocking channel; give them their turn too.
+        self.connection.process_data_events(time_limit=0)
+        results = (self.nacked, self.returned)
+        self.nacked, self.returned = set(), set()
+        return results
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if method.multiple:
+            tags = [tag for tag in self.outstanding if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            message_id = self.outstanding.pop(tag, None)
+            if message_id is not None and isinstance(method, pika.spec.Basic.Nack):
+                self.nacked.add(message_id)
+
+    def _on_return(self, _channel: Any, _method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+        if props.message_id:
+            self.returned.add(props.message_id)
+
+
 class OutboxRelay:
     """Moves outbox rows to the broker; woken by NOTIFY on insert, with a poll as a backstop."""
 
@@ -67,40 +131,45 @@ class OutboxRelay:
         self.poll_seconds = poll_seconds
         self.name = f"relay@{socket.gethostname()}:{os.getpid()}"
 
-    def publish_batch(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> int:
-        """Publish one batch of unsent rows and mark them; returns how many rows were handled."""
-        sent: list[int] = []
-        failed: list[int] = []
-        errors: list[str] = []
+    def publish_batch(self, publisher: ConfirmedPublisher, include_failed: bool = False) -> int:
+        """Publish a batch of unsent rows, await all their confirms at once, mark them; returns rows sent."""
         with self.engine.begin() as conn:
-            rows = conn.execute(_CLAIM, {"n": self.settings.relay_batch}).all()
+            rows = conn.execute(
+                _CLAIM, {"n": self.settings.relay_batch, "include_failed": include_failed}
+            ).all()
+            if not rows:
+                return 0
             for row in rows:
-                try:
-                    channel.basic_publish(
-                        row.exchange, row.routing_key, encode(row.body), properties_for(row), mandatory=True
-                    )
-                    sent.append(row.id)
-                except pika.exceptions.UnroutableError:
-                    if row.exchange == EVENTS_EXCHANGE:
-                        sent.append(row.id)  # accepted by the broker; nobody subscribes to this event
-                    else:
-                        failed.append(row.id)  # an internal route is missing: keep it for later
-                        errors.append(f"unroutable: {row.exchange} {row.routing_key}")
-                except pika.exceptions.NackError:
+                publisher.publish(
+                    row.message_id, row.exchange, row.routing_key, encode(row.body), properties_for(row)
+                )
+            nacked, returned = publisher.wait(CONFIRM_TIMEOUT_SECONDS)
+            sent: list[int] = []
+            failed: list[int] = []
+            error = ""
+            for row in rows:
+                if row.message_id in nacked:
                     failed.append(row.id)
-                    errors.append("nacked by the broker")
+                    error = "nacked by the broker"
+                elif row.message_id in returned and row.exchange != EVENTS_EXCHANGE:
+                    failed.append(row.id)  # an internal route is missing: keep the row for later
+                    error = f"unroutable: {row.exchange} {row.routing_key}"
+                else:
+                    # Confirmed; an event nobody subscribes to comes back unroutable, and that is fine.
+                    sent.append(row.id)
             if sent:
                 conn.execute(_MARK_SENT, {"ids": sent})
             if failed:
-                conn.execute(_MARK_FAILED, {"ids": failed, "error": errors[-1]})
-                log.error("outbox rows not delivered", extra={"count": len(failed), "error": errors[-1]})
+                conn.execute(_MARK_FAILED, {"ids": failed, "error": error})
+                log.error("outbox rows not delivered", extra={"count": len(failed), "error": error})
+        metrics.relay_batch(rows, sent, failed)
         return len(sent)
 
-    def drain(self, channel: pika.adapters.blocking_connection.BlockingChannel, deadline: float) -> int:
+    def drain(self, publisher: ConfirmedPublisher, deadline: float) -> int:
         """Publish until nothing is left unsent (or the deadline passes)."""
         total = 0
         while time.monotonic() < deadline:
-            count = self.publish_batch(channel)
+            count = self.publish_batch(publisher)
             total += count
             if count < self.settings.relay_batch:
                 break
@@ -133,6 +202,7 @@ class OutboxRelay:
                 log.warning(
                     "relay lost a connection; reconnecting", extra={"error": repr(exc), "in_s": backoff}
                 )
+                metrics.reconnecting("relay", exc)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 
@@ -140,11 +210,14 @@ class OutboxRelay:
         connection = pika.BlockingConnection(connection_parameters(self.settings, self.name))
         listener = self._listener()
         try:
-            channel = connection.channel()
-            channel.confirm_delivery()
+            publisher = ConfirmedPublisher(connection)
             log.info("relay started")
+            retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
             while not stop.is_set():
-                count = self.publish_batch(channel)
+                include_failed = time.monotonic() >= retry_failed_at
+                if include_failed:
+                    retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
+                count = self.publish_batch(publisher, include_failed)
                 if count >= self.settings.relay_batch:
                     continue  # more is waiting
                 ready, _, _ = select.select([listener], [], [], self.poll_seconds)
@@ -152,7 +225,7 @@ class OutboxRelay:
                     listener.poll()
                     listener.notifies.clear()
                 connection.process_data_events(time_limit=0)  # heartbeats
-            self.drain(channel, time.monotonic() + 10)
+            self.drain(publisher, time.monotonic() + 10)
         finally:
             listener.close()
             if connection.is_open:
