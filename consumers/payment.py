@@ -1,27 +1,550 @@
-"""Queue order.payment (scaffold: routes are added as the flows land)."""
+"""Queue order.payment: payment notifications, user cancellation, refund results, the pay deadline.
+
+Every flow that changes a parent order locks its row first (`load_order(lock=True)`), so a
+payment, a cancellation and the payment timeout of the same order serialise: exactly one of
+them finds the order unpaid. Where children exist they are locked before their parent, the
+order fulfillment uses too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import Connection, Row, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from consumers.loop import ConsumerSpec, Route
+from consumers.schemas import OrderCancel, PaymentNotify, RefundResult
 from consumers.timers import TimerKind
-from domain.names import COMMANDS_EXCHANGE, PAYMENT_QUEUE
+from domain import pricing, signing
+from domain.errors import ParkCommand, Reason, Refusal
+from domain.names import COMMANDS_EXCHANGE, PAYMENT_QUEUE, Cmd, Evt, Timer
+from domain.status import (
+    ORDER_TRANSITIONS,
+    REFUND_TRANSITIONS,
+    OrderAction,
+    OrderStatus,
+    RefundAction,
+    RefundStatus,
+    can,
+)
 from settings import Settings
+from store import coupons, numbers
+from store import tables as t
+from store.orders import (
+    add_refunded,
+    children_of,
+    item_event_list,
+    items_of,
+    load_order,
+    refusal_subject,
+    require_order,
+    transition,
+)
+from store.refunds import load_refund, open_refunds, request_refund, settle
+from store.stock import StockMove, assign_child, deduct_stock, release_stock, restore_stock
 from store.uow import UnitOfWork
+
+RefundFollowup = Callable[[UnitOfWork, Any], None]
+
+
+class PaymentOutcome:
+    """What became of a recorded payment (payments.outcome)."""
+
+    APPLIED: Final = "APPLIED"  # paid the order
+    LATE_REFUNDED: Final = "LATE_REFUNDED"  # the order was cancelled or already paid: refunded
+    REJECTED: Final = "REJECTED"  # the amount did not match: kept for reconciliation
+
+
+PAYMENT_PROVIDER: Final = "payment-provider"
+REFUND_PROVIDER: Final = "refund-provider"
+PAYMENT_TIMER: Final = f"timer:{Timer.PAYMENT_TIMEOUT}"
+SYSTEM: Final = "system"
+
+# Timeline actions that are not status transitions.
+SPLIT: Final = "SPLIT"
+PAYMENT_REFUSED: Final = "PAYMENT_REFUSED"
+LATE_PAYMENT: Final = "LATE_PAYMENT"
+CANCEL_REQUESTED: Final = "CANCEL_REQUESTED"
+REFUND_SUCCEEDED: Final = "REFUND_SUCCEEDED"
+REFUND_FAILED: Final = "REFUND_FAILED"
+LATE_PAYMENT_REFUNDED: Final = "LATE_PAYMENT_REFUNDED"
+
+# A parent with a child in one of these statuses has goods on their way: too late to cancel.
+_SHIPPED: Final = frozenset({OrderStatus.SHIPPED, OrderStatus.COMPLETED})
+
+
+def _user(user_id: str) -> str:
+    return f"user:{user_id}"
+
+
+def stock_items(moves: list[StockMove]) -> list[dict[str, Any]]:
+    """Stock moves as the `items` of a stock.* event."""
+    return [m.as_event_item() for m in moves]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by cancellation and the payment timeout
+
+
+def cancel_unpaid(uow: UnitOfWork, order: Row[Any], action: OrderAction, reason: str, actor: str) -> None:
+    """Cancel an unpaid order: CANCELLED, locked stock released, coupon returned, both announced."""
+    status = transition(uow, order, action, actor, {"reason": reason}, cancelled_at=uow.now)
+    moves = release_stock(uow.conn, order.order_no)
+    returned = coupons.give_back(uow.conn, order.coupon_code, order.order_no)
+    uow.emit(
+        Evt.ORDER_CANCELLED,
+        {
+            "order_no": order.order_no,
+            "status": status,
+            "reason": reason,
+            "user_id": order.user_id,
+            "coupon_code": order.coupon_code if returned else None,
+            "cancelled_at": uow.now.isoformat(),
+        },
+    )
+    uow.emit(Evt.STOCK_RELEASED, {"order_no": order.order_no, "items": stock_items(moves)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Split into child orders
+
+
+def order_quote(order: Row[Any], lines: list[pricing.Line]) -> pricing.Quote:
+    """The parent's quote as charged, with the freight of each package.
+
+    Freight per package is recomputed with the placement rule; should the rule have changed
+    since the order was placed, the freight actually charged is shared by goods instead, so
+    the children always add up to what was paid.
+    """
+    groups = pricing.packages(lines)
+    subtotals = [sum(line.line_total for line in group) for group in groups.values()]
+    freights = [pricing.package_freight(subtotal, physical=True) for subtotal in subtotals]
+    if sum(freights) != order.freight:
+        freights = pricing.allocate(order.freight, subtotals)
+    return pricing.Quote(
+        goods_total=order.goods_total,
+        freight=order.freight,
+        discount_total=order.discount_total,
+        payable=order.payable,
+        freight_by_package=dict(zip(groups, freights, strict=True)),
+    )
+
+
+def split_order(uow: UnitOfWork, order: Row[Any], actor: str) -> list[dict[str, Any]]:
+    """Create one PAID child per (merchant, warehouse); returns the children as order.split lists them."""
+    conn = uow.conn
+    rows = items_of(conn, order)
+    by_line = {row.line_no: row for row in rows}
+    lines = [
+        pricing.Line(r.line_no, r.sku, r.name, r.merchant_id, r.warehouse_id, r.unit_price, r.quantity)
+        for r in rows
+    ]
+    quotes = pricing.split(lines, order_quote(order, lines))
+    if sum(q.payable for q in quotes) != order.payable:
+        raise RuntimeError(f"split of {order.order_no} does not add up to its payable {order.payable}")
+    children = []
+    for index, quote in enumerate(quotes, start=1):
+        child_no = numbers.child_number(order.order_no, index)
+        conn.execute(
+            insert(t.orders).values(
+                order_no=child_no,
+                parent_no=order.order_no,
+                user_id=order.user_id,
+                order_type=order.order_type,
+                status=OrderStatus.PAID,
+                merchant_id=quote.merchant_id,
+                warehouse_id=quote.warehouse_id,
+                goods_total=quote.goods_total,
+                freight=quote.freight,
+                discount_total=quote.discount_total,
+                payable=quote.payable,
+                paid_amount=quote.payable,
+                receiver=order.receiver,
+                payment_no=order.payment_no,
+                placed_at=order.placed_at,
+                paid_at=order.paid_at,
+                updated_at=uow.now,
+            )
+        )
+        line_nos = [line.line_no for line in quote.lines]
+        conn.execute(
+            update(t.order_items)
+            .where(t.order_items.c.order_no == order.order_no, t.order_items.c.line_no.in_(line_nos))
+            .values(child_order_no=child_no)
+        )
+        for line_no in line_nos:
+            assign_child(conn, order.order_no, line_no, child_no)
+        uow.record(
+            child_no,
+            SPLIT,
+            None,
+            OrderStatus.PAID,
+            actor,
+            {"parent_no": order.order_no, "payable": quote.payable},
+        )
+        children.append(
+            {
+                "order_no": child_no,
+                "status": OrderStatus.PAID,
+                "merchant_id": quote.merchant_id,
+                "warehouse_id": quote.warehouse_id,
+                "goods_total": quote.goods_total,
+                "freight": quote.freight,
+                "discount_total": quote.discount_total,
+                "payable": quote.payable,
+                "items": item_event_list([by_line[n] for n in line_nos]),
+            }
+        )
+    return children
+
+
+# ---------------------------------------------------------------------------------------------
+# The payment timer
+
+
+def fire_payment_timeout(uow: UnitOfWork, order_no: str) -> None:
+    """Cancel the order if it is still unpaid; a timer for a paid or cancelled order does nothing."""
+    order = load_order(uow.conn, order_no)
+    if order is None or not can(ORDER_TRANSITIONS, order.status, OrderAction.PAYMENT_TIMEOUT):
+        return
+    cancel_unpaid(uow, order, OrderAction.PAYMENT_TIMEOUT, Reason.PAYMENT_TIMEOUT, PAYMENT_TIMER)
+
+
+def overdue_unpaid(conn: Connection, cutoff: datetime, limit: int) -> list[str]:
+    """Unpaid parents whose pay deadline is before `cutoff`, locked so several sweepers share them."""
+    stmt = (
+        select(t.orders.c.order_no)
+        .where(
+            t.orders.c.status == OrderStatus.PENDING_PAYMENT,
+            t.orders.c.parent_no.is_(None),
+            t.orders.c.pay_deadline < cutoff,
+        )
+        .order_by(t.orders.c.pay_deadline)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [str(order_no) for order_no in conn.execute(stmt).scalars()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The handlers
+
+
+class PaymentFlows:
+    """payment.notify, order.cancel and refund.result, with their refusal announcers."""
+
+    def __init__(self, settings: Settings, followups: Mapping[str, RefundFollowup]) -> None:
+        self.secret = settings.payment_webhook_secret.get_secret_value()
+        self.followups = followups
+
+    # -- payment.notify -------------------------------------------------------------------------
+
+    def notify(self, cmd: PaymentNotify, uow: UnitOfWork) -> None:
+        """Apply a signed payment to an unpaid order, or refund it when the order cannot take it."""
+        if not signing.verify(uow.envelope.body, self.secret):
+            raise Refusal(Reason.BAD_SIGNATURE, "the signature does not match the notification")
+        order = require_order(uow.conn, cmd.order_no)
+        if order.parent_no is not None:
+            raise Refusal(Reason.UNKNOWN_ORDER, f"{cmd.order_no} is a child order; payments name the parent")
+        known = uow.conn.execute(
+            select(t.payments.c.payment_no).where(t.payments.c.payment_no == cmd.payment_no)
+        ).first()
+        if known is not None:
+            return  # the same payment again: it was dealt with the first time
+        if cmd.amount != order.payable:
+            raise Refusal(Reason.AMOUNT_MISMATCH, f"paid {cmd.amount}, payable is {order.payable}")
+        if can(ORDER_TRANSITIONS, order.status, OrderAction.PAY):
+            self._apply_payment(cmd, uow, order)
+        else:
+            self._refund_unwanted_payment(cmd, uow, order)
+
+    def _apply_payment(self, cmd: PaymentNotify, uow: UnitOfWork, order: Row[Any]) -> None:
+        conn = uow.conn
+        self._record_payment(uow, cmd, PaymentOutcome.APPLIED)
+        status = transition(
+            uow,
+            order,
+            OrderAction.PAY,
+            PAYMENT_PROVIDER,
+            {"payment_no": cmd.payment_no, "amount": cmd.amount, "method": cmd.method},
+            paid_at=cmd.paid_at,
+            paid_amount=cmd.amount,
+            payment_no=cmd.payment_no,
+        )
+        if order.coupon_code:
+            coupons.use(conn, order.coupon_code, order.order_no)
+        moves = deduct_stock(conn, order.order_no)
+        uow.emit(
+            Evt.ORDER_PAID,
+            {
+                "order_no": order.order_no,
+                "status": status,
+                "user_id": order.user_id,
+                "payment_no": cmd.payment_no,
+                "method": cmd.method,
+                "amount": cmd.amount,
+                "paid_at": cmd.paid_at.isoformat(),
+            },
+        )
+        uow.emit(Evt.STOCK_DEDUCTED, {"order_no": order.order_no, "items": stock_items(moves)})
+        paid = require_order(conn, order.order_no)  # the new version, for the next guarded write
+        if paid.order_type == "virtual":
+            completed = transition(
+                uow, paid, OrderAction.COMPLETE_VIRTUAL, SYSTEM, None, completed_at=uow.now
+            )
+            uow.emit(
+                Evt.ORDER_COMPLETED,
+                {
+                    "order_no": paid.order_no,
+                    "status": completed,
+                    "user_id": paid.user_id,
+                    "completed_at": uow.now.isoformat(),
+                },
+            )
+            return
+        children = split_order(uow, paid, SYSTEM)
+        uow.emit(
+            Evt.ORDER_SPLIT,
+            {"order_no": paid.order_no, "status": paid.status, "payable": paid.payable, "children": children},
+        )
+
+    def _refund_unwanted_payment(self, cmd: PaymentNotify, uow: UnitOfWork, order: Row[Any]) -> None:
+        # Cancelled, or paid already by another payment: money is never kept, the order stays as it is.
+        self._record_payment(uow, cmd, PaymentOutcome.LATE_REFUNDED)
+        uow.record(
+            order.order_no,
+            LATE_PAYMENT,
+            order.status,
+            order.status,
+            PAYMENT_PROVIDER,
+            {"payment_no": cmd.payment_no, "amount": cmd.amount},
+        )
+        request_refund(uow, order.order_no, cmd.amount, Reason.LATE_PAYMENT, cmd.payment_no, PAYMENT_PROVIDER)
+
+    @staticmethod
+    def _record_payment(uow: UnitOfWork, cmd: PaymentNotify, outcome: str) -> None:
+        uow.conn.execute(
+            insert(t.payments).values(
+                payment_no=cmd.payment_no,
+                order_no=cmd.order_no,
+                method=cmd.method,
+                amount=cmd.amount,
+                paid_at=cmd.paid_at,
+                outcome=outcome,
+                raw=dict(uow.envelope.body),
+                received_at=uow.now,
+            )
+        )
+
+    @staticmethod
+    def refuse_payment(cmd: PaymentNotify, refusal: Refusal, uow: UnitOfWork) -> None:
+        """Announce payment.rejected; a payment of the wrong amount is kept for reconciliation."""
+        if refusal.reason == Reason.AMOUNT_MISMATCH:
+            uow.conn.execute(
+                pg_insert(t.payments)
+                .values(
+                    payment_no=cmd.payment_no,
+                    order_no=cmd.order_no,
+                    method=cmd.method,
+                    amount=cmd.amount,
+                    paid_at=cmd.paid_at,
+                    outcome=PaymentOutcome.REJECTED,
+                    raw=dict(uow.envelope.body),
+                    received_at=uow.now,
+                )
+                .on_conflict_do_nothing()
+            )
+            uow.record(
+                cmd.order_no,
+                PAYMENT_REFUSED,
+                None,
+                None,
+                PAYMENT_PROVIDER,
+                {"payment_no": cmd.payment_no, "amount": cmd.amount, "reason": refusal.reason},
+            )
+        uow.emit(
+            Evt.PAYMENT_REJECTED,
+            {
+                "order_no": cmd.order_no,
+                "payment_no": cmd.payment_no,
+                "amount": cmd.amount,
+                "reason": refusal.reason,
+                "detail": refusal.detail,
+            },
+        )
+
+    # -- order.cancel ---------------------------------------------------------------------------
+
+    def cancel(self, cmd: OrderCancel, uow: UnitOfWork) -> None:
+        """Cancel an unpaid order at once; for a paid, unshipped one, request the refund that closes it."""
+        conn = uow.conn
+        found = require_order(conn, cmd.order_no, lock=False)
+        if found.parent_no is not None:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"{found.order_no} is a child order; cancel its parent {found.parent_no}",
+            )
+        if found.user_id != cmd.user_id:
+            raise Refusal(Reason.NOT_YOUR_ORDER, f"order {found.order_no} belongs to another user")
+        children = children_of(conn, found.order_no, lock=True)  # children before their parent
+        order = require_order(conn, found.order_no)
+        actor = _user(cmd.user_id)
+        if can(ORDER_TRANSITIONS, order.status, OrderAction.USER_CANCEL):
+            cancel_unpaid(uow, order, OrderAction.USER_CANCEL, Reason.USER, actor)
+            return
+        shipped = [c.order_no for c in children if c.status in _SHIPPED]
+        if order.status in _SHIPPED or shipped:
+            raise Refusal(Reason.ALREADY_SHIPPED, f"already shipped: {', '.join(shipped) or order.order_no}")
+        if order.status != OrderStatus.PAID or order.order_type == "virtual":
+            raise Refusal(Reason.INVALID_STATE, f"order {order.order_no} is {order.status}")
+        pending = [
+            r
+            for r in open_refunds(uow, [order.order_no, *(c.order_no for c in children)])
+            if r.source != Reason.LATE_PAYMENT  # returns another payment, not this order's money
+        ]
+        if pending:
+            raise Refusal(
+                Reason.INVALID_STATE, f"refund {pending[0].refund_no} of this order is still under way"
+            )
+        # Whatever was already refunded on a child (an after-sale, a merchant cancel) is not refunded twice.
+        amount = order.paid_amount - order.refunded_amount - sum(c.refunded_amount for c in children)
+        if amount <= 0:
+            raise Refusal(Reason.INVALID_STATE, f"nothing left to refund on {order.order_no}")
+        uow.record(
+            order.order_no,
+            CANCEL_REQUESTED,
+            order.status,
+            order.status,
+            actor,
+            {"reason": cmd.reason, "amount": amount},
+        )
+        request_refund(uow, order.order_no, amount, Reason.USER_CANCEL, order.order_no, actor)
+
+    @staticmethod
+    def refuse_cancel(cmd: OrderCancel, refusal: Refusal, uow: UnitOfWork) -> None:
+        """Announce order.rejected for a cancellation the order's state does not allow."""
+        subject = refusal_subject(uow.conn, cmd.order_no)
+        uow.emit(
+            Evt.ORDER_REJECTED,
+            {
+                **subject,
+                "order_no": cmd.order_no,
+                "user_id": cmd.user_id,
+                "command": Cmd.ORDER_CANCEL,
+                "reason": refusal.reason,
+                "detail": refusal.detail,
+            },
+        )
+
+    # -- refund.result --------------------------------------------------------------------------
+
+    def refund_result(self, cmd: RefundResult, uow: UnitOfWork) -> None:
+        """Settle a refund from the provider's signed result; a repeated result changes nothing."""
+        if not signing.verify(uow.envelope.body, self.secret):
+            raise ParkCommand(Reason.BAD_SIGNATURE, "refund.result: the signature does not match the body")
+        refund = load_refund(uow, cmd.refund_no)
+        if refund is None:
+            raise ParkCommand(Reason.UNKNOWN_REFUND, f"refund.result names no known refund ({cmd.refund_no})")
+        action = RefundAction.SUCCEED if cmd.status == RefundStatus.SUCCEEDED else RefundAction.FAIL
+        if not can(REFUND_TRANSITIONS, refund.status, action):
+            return  # already settled this way (or succeeded, which a late failure cannot undo)
+        status = settle(uow, refund, action, cmd.provider_refund_no)
+        body = {
+            "refund_no": refund.refund_no,
+            "order_no": refund.order_no,
+            "amount": refund.amount,
+            "reason": refund.source,
+            "status": status,
+            "provider_refund_no": cmd.provider_refund_no,
+        }
+        if action == RefundAction.FAIL:
+            uow.record(refund.order_no, REFUND_FAILED, None, None, REFUND_PROVIDER, body)
+            uow.emit(Evt.REFUND_FAILED, body)
+            return
+        children_of(uow.conn, refund.order_no, lock=True)  # children before their parent
+        if refund.source != Reason.LATE_PAYMENT:
+            # A late payment was never part of the order's paid amount: returning it refunds none of it.
+            add_refunded(uow, refund.order_no, refund.amount)
+        uow.record(refund.order_no, REFUND_SUCCEEDED, None, None, REFUND_PROVIDER, body)
+        uow.emit(Evt.REFUND_SUCCEEDED, body)
+        followup = self.followups.get(refund.source)
+        if followup is not None:
+            followup(uow, load_refund(uow, refund.refund_no))
+
+
+# ---------------------------------------------------------------------------------------------
+# Refund follow-ups of the refunds this module creates
+
+
+def close_cancelled_order(uow: UnitOfWork, refund: Row[Any]) -> None:
+    """A user-cancel refund succeeded: the order's sold stock goes back on sale, it and its children close."""
+    conn = uow.conn
+    children = children_of(conn, refund.order_no, lock=True)
+    order = require_order(conn, refund.order_no)
+    moves = restore_stock(conn, order.order_no)
+    if moves:
+        uow.emit(Evt.STOCK_RESTORED, {"order_no": order.order_no, "items": stock_items(moves)})
+    for row in (order, *children):
+        if not can(ORDER_TRANSITIONS, row.status, OrderAction.REFUND_CLOSE):
+            continue  # a child closed on its own before (a merchant cancel)
+        status = transition(
+            uow,
+            row,
+            OrderAction.REFUND_CLOSE,
+            REFUND_PROVIDER,
+            {"refund_no": refund.refund_no, "reason": Reason.USER_CANCEL},
+            closed_at=uow.now,
+        )
+        uow.emit(
+            Evt.ORDER_CLOSED,
+            {
+                "order_no": row.order_no,
+                "parent_no": row.parent_no,
+                "status": status,
+                "reason": Reason.USER_CANCEL,
+                "refund_no": refund.refund_no,
+                "closed_at": uow.now.isoformat(),
+            },
+        )
+
+
+def note_late_payment_refunded(uow: UnitOfWork, refund: Row[Any]) -> None:
+    """A late payment went back to the payer: only the timeline needs to know."""
+    uow.record(
+        refund.order_no,
+        LATE_PAYMENT_REFUNDED,
+        None,
+        None,
+        REFUND_PROVIDER,
+        {"refund_no": refund.refund_no, "payment_no": refund.source_ref, "amount": refund.amount},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring
 
 
 def spec(settings: Settings) -> ConsumerSpec:
-    routes: dict[str, Route] = {}
+    """The order.payment consumer: payment.notify, order.cancel and refund.result."""
+    from consumers.refund_followups import refund_followups as every_followup  # imports this module
+
+    flows = PaymentFlows(settings, every_followup(settings))
+    routes = {
+        Cmd.PAYMENT_NOTIFY: Route(PaymentNotify, flows.notify, flows.refuse_payment),
+        Cmd.ORDER_CANCEL: Route(OrderCancel, flows.cancel, flows.refuse_cancel),
+        Cmd.REFUND_RESULT: Route(RefundResult, flows.refund_result),
+    }
     return ConsumerSpec(PAYMENT_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
 
 
 def timer_kinds(settings: Settings) -> list[TimerKind]:
-    """The timers this module's flows start."""
-    return []
+    """The timers this module's flows start: the pay deadline of every placed order."""
+    return [TimerKind(Timer.PAYMENT_TIMEOUT, fire_payment_timeout, overdue_unpaid)]
 
 
-def refund_followups(settings: Settings) -> dict[str, Callable[[UnitOfWork, Any], None]]:
+def refund_followups(settings: Settings) -> dict[str, RefundFollowup]:
     """What happens after a refund of each source this module creates succeeds."""
-    return {}
+    return {Reason.USER_CANCEL: close_cancelled_order, Reason.LATE_PAYMENT: note_late_payment_refunded}

@@ -24,29 +24,50 @@ def request_refund(
 ) -> str:
     """Create the refund of this source (once) and announce it; returns its refund number."""
     existing = uow.conn.execute(
-        select(t.refunds.c.refund_no).where(t.refunds.c.source == source, t.refunds.c.source_ref == source_ref)
+        select(t.refunds.c.refund_no).where(
+            t.refunds.c.source == source, t.refunds.c.source_ref == source_ref
+        )
     ).scalar()
     if existing:
         return str(existing)
     refund_no = numbers.next_number(uow.conn, numbers.REFUND, uow.now)
     uow.conn.execute(
         pg_insert(t.refunds).values(
-            refund_no=refund_no, order_no=order_no, source=source, source_ref=source_ref, amount=amount,
-            status=RefundStatus.REQUESTED, created_at=uow.now, updated_at=uow.now,
+            refund_no=refund_no,
+            order_no=order_no,
+            source=source,
+            source_ref=source_ref,
+            amount=amount,
+            status=RefundStatus.REQUESTED,
+            created_at=uow.now,
+            updated_at=uow.now,
         )
     )
-    uow.record(order_no, "REFUND_REQUESTED", None, None, actor,
-               {"refund_no": refund_no, "amount": amount, "reason": source})
+    uow.record(
+        order_no,
+        "REFUND_REQUESTED",
+        None,
+        None,
+        actor,
+        {"refund_no": refund_no, "amount": amount, "reason": source},
+    )
     uow.emit(
         Evt.REFUND_REQUESTED,
-        {"refund_no": refund_no, "order_no": order_no, "amount": amount, "reason": source,
-         "status": RefundStatus.REQUESTED},
+        {
+            "refund_no": refund_no,
+            "order_no": order_no,
+            "amount": amount,
+            "reason": source,
+            "status": RefundStatus.REQUESTED,
+        },
     )
     return refund_no
 
 
 def load_refund(uow: UnitOfWork, refund_no: str) -> Row[Any] | None:
-    return uow.conn.execute(select(t.refunds).where(t.refunds.c.refund_no == refund_no).with_for_update()).first()
+    return uow.conn.execute(
+        select(t.refunds).where(t.refunds.c.refund_no == refund_no).with_for_update()
+    ).first()
 
 
 def settle(uow: UnitOfWork, refund: Row[Any], action: RefundAction, provider_refund_no: str | None) -> str:
@@ -74,7 +95,25 @@ def retry_refund(uow: UnitOfWork, refund_no: str, actor: str) -> bool:
     uow.record(refund.order_no, "REFUND_RETRIED", None, None, actor, {"refund_no": refund_no})
     uow.emit(
         Evt.REFUND_REQUESTED,
-        {"refund_no": refund_no, "order_no": refund.order_no, "amount": refund.amount,
-         "reason": refund.source, "status": RefundStatus.REQUESTED, "attempt": refund.attempts + 1},
+        {
+            "refund_no": refund_no,
+            "order_no": refund.order_no,
+            "amount": refund.amount,
+            "reason": refund.source,
+            "status": RefundStatus.REQUESTED,
+            "attempt": refund.attempts + 1,
+        },
     )
     return True
+
+
+def open_refunds(uow: UnitOfWork, order_nos: list[str]) -> list[Row[Any]]:
+    """Refunds of these orders that have not succeeded yet (REQUESTED, or FAILED and retryable)."""
+    return list(
+        uow.conn.execute(
+            select(t.refunds).where(
+                t.refunds.c.order_no.in_(order_nos),
+                t.refunds.c.status.in_([RefundStatus.REQUESTED, RefundStatus.FAILED]),
+            )
+        ).all()
+    )

@@ -1,0 +1,223 @@
+"""The payment timeout: TTL + dead-letter timers, the backstop sweeper, races with payments, restarts."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from domain.errors import Reason
+from domain.names import PLACEMENT_QUEUE, TIMEOUTS_QUEUE, Cmd, Evt
+from tests.integration.test_payment import (
+    RECEIVER,
+    assert_stock_adds_up,
+    given_coupon,
+    given_sku,
+    notify_body,
+    order_row,
+    pay,
+    place_order,
+)
+from tests.support import EventListener, System, fresh_system, purge_queue, queue_counts, queue_info, unique
+
+CATALOG_QUEUE = "order.catalog"
+TIMER_QUEUE_2S = "order.timer.payment-timeout.2s"
+
+
+def wait_until(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"waited {timeout}s for {what}")
+
+
+def test_an_unpaid_order_is_cancelled_with_its_stock_and_coupon_given_back(
+    system: System, events: EventListener
+) -> None:
+    # Given an unpaid order holding a coupon and 3 units (ORDER_PAYMENT_TIMEOUT is 2s here)
+    sku = given_sku(system, events, price=2000, stock=5)
+    user = unique("user")
+    code = given_coupon(system, events, user, amount=300)
+    created = place_order(system, events, user, [{"sku": sku, "quantity": 3}], coupon_code=code)
+    order_no = created["order_no"]
+    # When its deadline passes
+    cancelled = events.one(Evt.ORDER_CANCELLED, order_no=order_no, timeout=15)
+    # Then it is cancelled for PAYMENT_TIMEOUT, no earlier than its deadline, by the fired timer
+    assert (cancelled["status"], cancelled["reason"]) == ("CANCELLED", Reason.PAYMENT_TIMEOUT)
+    row = order_row(system, order_no)
+    assert row["status"] == "CANCELLED" and row["cancelled_at"] >= row["pay_deadline"]
+    line = system.db.one(
+        "SELECT * FROM order_timeline WHERE order_no = %s AND to_status = 'CANCELLED'", order_no
+    )
+    assert (
+        line["action"] == "PAYMENT_TIMEOUT" and line["message_id"] is not None
+    )  # a timer message, not the sweeper
+    # And its stock is released and the coupon can be spent again
+    released = events.one(Evt.STOCK_RELEASED, order_no=order_no)
+    assert [(i["sku"], i["quantity"]) for i in released["items"]] == [(sku, 3)]
+    counts = assert_stock_adds_up(system, sku)
+    assert (counts["available"], counts["locked"]) == (5, 0)
+    assert system.db.scalar("SELECT state FROM coupons WHERE code = %s", code) == "AVAILABLE"
+    again = place_order(system, events, user, [{"sku": sku, "quantity": 3}], coupon_code=code)
+    assert again["discount_total"] == 300
+
+
+def test_a_paid_order_is_not_cancelled_by_its_timer(system: System, events: EventListener) -> None:
+    # Given two orders placed together, the first one paid at once
+    sku = given_sku(system, events, price=1000, stock=5)
+    paid = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])
+    unpaid = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])
+    pay(system, paid["order_no"], paid["payable"])
+    events.one(Evt.ORDER_PAID, order_no=paid["order_no"])
+    # When both timers have run out (the second's fires after the first's: one queue, in order)
+    events.one(Evt.ORDER_CANCELLED, order_no=unpaid["order_no"], timeout=15)
+    # Then the paid order is untouched
+    assert order_row(system, paid["order_no"])["status"] == "PAID"
+    assert events.matching(Evt.ORDER_CANCELLED, order_no=paid["order_no"]) == []
+    assert events.matching(Evt.STOCK_RELEASED, order_no=paid["order_no"]) == []
+    counts = assert_stock_adds_up(system, sku)
+    assert (counts["sold"], counts["locked"]) == (1, 0)
+
+
+def offset_ms(index: int) -> int:
+    """When the index-th order of the race is paid, relative to its deadline."""
+    return (index % 10 - 3) * 50
+
+
+def test_pay_at_the_deadline_each_order_is_either_paid_or_cancelled_and_refunded(
+    system: System, events: EventListener
+) -> None:
+    # Given 30 unpaid orders of one unit each
+    sku = given_sku(system, events, price=1000, stock=40)
+    users = [unique("user") for _ in range(30)]
+    with system.publisher() as publisher:  # all at once: placing them one by one takes longer than 2s
+        for user in users:
+            publisher.send(
+                Cmd.ORDER_PLACE,
+                {
+                    "request_id": unique("req"),
+                    "user_id": user,
+                    "order_type": "physical",
+                    "items": [{"sku": sku, "quantity": 1}],
+                    "receiver": RECEIVER,
+                },
+            )
+    orders = [events.one(Evt.ORDER_CREATED, user_id=user) for user in users]
+    # When each is paid around its deadline (0.15s before to 0.3s after: its timer fires in there)
+    schedule = sorted(
+        (
+            (datetime.fromisoformat(o["pay_deadline"]).timestamp() + offset_ms(i) / 1000, o)
+            for i, o in enumerate(orders)
+        ),
+        key=lambda pair: pair[0],
+    )
+    with system.publisher() as publisher:
+        for at, order in schedule:
+            time.sleep(max(0.0, at - time.time()))
+            publisher.send(Cmd.PAYMENT_NOTIFY, notify_body(system, order["order_no"], order["payable"]))
+    numbers = [o["order_no"] for o in orders]
+
+    def settled() -> bool:
+        return all(
+            events.matching(Evt.ORDER_PAID, order_no=n) or events.matching(Evt.REFUND_REQUESTED, order_no=n)
+            for n in numbers
+        )
+
+    wait_until(settled, 30, "every payment to be answered")
+    # Then every order is either paid (and kept) or cancelled with its payment refunded:
+    # never both, never neither
+    outcomes = {"PAID": 0, "CANCELLED": 0}
+    by_offset: dict[int, list[str]] = {}
+    for index, order_no in enumerate(numbers):
+        status = order_row(system, order_no)["status"]
+        payment = system.db.one("SELECT outcome FROM payments WHERE order_no = %s", order_no)["outcome"]
+        refunds = system.db.query("SELECT source FROM refunds WHERE order_no = %s", order_no)
+        paid_events = events.matching(Evt.ORDER_PAID, order_no=order_no)
+        cancel_events = events.matching(Evt.ORDER_CANCELLED, order_no=order_no)
+        if status == "PAID":
+            assert (payment, refunds, len(paid_events), cancel_events) == ("APPLIED", [], 1, []), order_no
+        else:
+            assert status == "CANCELLED", (order_no, status)
+            assert (payment, refunds, paid_events) == ("LATE_REFUNDED", [{"source": Reason.LATE_PAYMENT}], [])
+            assert len(cancel_events) == 1 and cancel_events[0].body["reason"] == Reason.PAYMENT_TIMEOUT
+        outcomes[status] += 1
+        by_offset.setdefault(offset_ms(index), []).append(status[0])
+    print(f"race outcome: {outcomes}; by offset: {by_offset}")
+    # And the stock adds up: the paid units are sold, the rest are back on sale
+    counts = assert_stock_adds_up(system, sku)
+    assert (counts["sold"], counts["locked"], counts["available"]) == (
+        outcomes["PAID"],
+        0,
+        40 - outcomes["PAID"],
+    )
+
+
+def test_the_sweeper_cancels_an_order_whose_timer_was_lost() -> None:
+    with fresh_system(ORDER_PAYMENT_TIMEOUT="4s", SWEEPER_GRACE="1s") as system:
+        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE)
+        events = EventListener(system.amqp_url).start()
+        try:
+            # Given an unpaid order whose timer message waits in its delay queue
+            sku = given_sku(system, events, price=1000, stock=5)
+            created = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 2}])
+            delay_queue = "order.timer.payment-timeout.4s"
+            wait_until(
+                lambda: queue_counts(system.amqp_url, delay_queue)[0] == 1, 10, "the timer to be queued"
+            )
+            # When the delay queue is purged (the timer is lost)
+            assert purge_queue(system.amqp_url, delay_queue) == 1
+            # Then the sweeper cancels the order once its deadline and the grace period have passed
+            cancelled = events.one(Evt.ORDER_CANCELLED, order_no=created["order_no"], timeout=20)
+            assert cancelled["reason"] == Reason.PAYMENT_TIMEOUT
+            row = order_row(system, created["order_no"])
+            assert (row["cancelled_at"] - row["pay_deadline"]).total_seconds() >= 1
+            line = system.db.one(
+                "SELECT * FROM order_timeline WHERE order_no = %s AND to_status = 'CANCELLED'",
+                created["order_no"],
+            )
+            assert line["message_id"] is None  # applied by the sweeper, not by a timer message
+            # And its stock is released
+            events.one(Evt.STOCK_RELEASED, order_no=created["order_no"])
+            counts = assert_stock_adds_up(system, sku)
+            assert (counts["available"], counts["locked"]) == (5, 0)
+        finally:
+            events.stop()
+
+
+def test_restarting_with_another_timeout_needs_no_broker_work() -> None:
+    with fresh_system() as system:
+        queues = (CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE)
+        system.start(*queues, env={"ORDER_PAYMENT_TIMEOUT": "2s"})
+        events = EventListener(system.amqp_url).start()
+        try:
+            # Given an order placed under a 2s timeout, its timer published to the 2s delay queue
+            sku = given_sku(system, events, price=1000, stock=5)
+            first = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])
+            assert system.stop(TIMEOUTS_QUEUE) == {TIMEOUTS_QUEUE: 0}  # so the first timer fires while down
+            wait_until(
+                lambda: system.db.scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0,
+                10,
+                "the timer to be published",
+            )
+            # When the service is stopped and started again with a 3s timeout, and nothing else is done
+            assert set(system.stop().values()) == {0}
+            assert order_row(system, first["order_no"])["status"] == "PENDING_PAYMENT"
+            system.start(*queues, env={"ORDER_PAYMENT_TIMEOUT": "3s"})
+            second = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])
+            # Then the new order gets the new deadline, served by a new delay queue the consumers declared
+            placed = order_row(system, second["order_no"])
+            assert (placed["pay_deadline"] - placed["placed_at"]).total_seconds() == 3
+            assert (
+                queue_info(system.vhost, "order.timer.payment-timeout.3s")["arguments"]["x-message-ttl"]
+                == 3000
+            )
+            # And both orders are cancelled: the old queue drains into the same consumer
+            for order in (first, second):
+                cancelled = events.one(Evt.ORDER_CANCELLED, order_no=order["order_no"], timeout=20)
+                assert cancelled["reason"] == Reason.PAYMENT_TIMEOUT
+            assert queue_counts(system.amqp_url, TIMER_QUEUE_2S)[0] == 0
+            counts = assert_stock_adds_up(system, sku)
+            assert (counts["available"], counts["locked"]) == (5, 0)
+        finally:
+            events.stop()
