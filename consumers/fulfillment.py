@@ -31,6 +31,7 @@ from store.orders import (
     transition,
     update_columns,
 )
+from store.refunds import open_refunds
 from store.uow import UnitOfWork
 
 SYSTEM = "system"
@@ -145,6 +146,19 @@ class Fulfillment:
             raise Refusal(
                 Reason.INVALID_STATE,
                 f"order {order.order_no} is being cancelled by its merchant",
+                order_no=order.order_no,
+            )
+        # The user cancelled the paid order and its refund is under way: nothing may ship now.
+        cancelling = [
+            r
+            for r in open_refunds(uow, [order.parent_no or order.order_no])
+            if r.source == Reason.USER_CANCEL
+        ]
+        if cancelling:
+            raise Refusal(
+                Reason.INVALID_STATE,
+                f"order {order.parent_no or order.order_no} is being cancelled by its user "
+                f"(refund {cancelling[0].refund_no})",
                 order_no=order.order_no,
             )
         status = transition(

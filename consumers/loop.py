@@ -28,12 +28,14 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+import metrics
 from consumers.schemas import Command, describe_errors
 from domain import names as n
 from domain.errors import ConcurrentUpdate, ParkCommand, Refusal, RejectCode
 from logs import message_context
 from settings import Settings, format_duration
 from store.db import is_transient
+from store.stock import StockShortfall, WindowStockLocks
 from store.uow import Envelope, UnitOfWork
 
 log = logging.getLogger("consumer")
@@ -212,6 +214,7 @@ class WindowApplier:
             stop=stop_after_delay(self.retry_seconds if retry_seconds is None else retry_seconds),
             sleep=self.sleep,
             reraise=False,
+            after=lambda _state: metrics.transient_retry(self.spec.queue),
             before_sleep=lambda state: log.warning(
                 "transient database error, retrying window",
                 extra={"attempt": state.attempt_number, "error": repr(state.outcome.exception())}
@@ -222,11 +225,22 @@ class WindowApplier:
         try:
             for attempt in retrying:
                 with attempt:
-                    with self.engine.begin() as conn:
-                        return [self._apply_one(conn, parsed) for parsed in window]
+                    try:
+                        return self._transaction(window, WindowStockLocks() if len(window) > 1 else None)
+                    except StockShortfall:
+                        # Another consumer took the stock this window counted on: lock as we go.
+                        return self._transaction(window, None)
         except RetryError as exc:
             raise WindowFailed(repr(exc.last_attempt.exception())) from exc
         raise AssertionError("unreachable")
+
+    def _transaction(self, window: Sequence[Parsed], window_stock: WindowStockLocks | None) -> list[Outcome]:
+        """One transaction for the window: a savepoint per message, the summed stock locks, commit."""
+        with self.engine.begin() as conn:
+            outcomes = [self._apply_one(conn, parsed, window_stock) for parsed in window]
+            if window_stock is not None:
+                window_stock.apply(conn)
+        return outcomes
 
     def announce_rejection(self, parsed: Parsed, code: str, reason: str) -> Outcome:
         """Write command.rejected for a message in a transaction of its own (no retries)."""
@@ -243,7 +257,9 @@ class WindowApplier:
             body=parsed.raw or {},
         )
 
-    def _apply_one(self, conn: Connection, parsed: Parsed) -> Outcome:
+    def _apply_one(
+        self, conn: Connection, parsed: Parsed, window_stock: WindowStockLocks | None = None
+    ) -> Outcome:
         envelope = self._envelope(parsed)
         now = self.clock()
         token = message_context.set(
@@ -251,8 +267,10 @@ class WindowApplier:
                 "message_id": envelope.message_id,
                 "correlation_id": envelope.correlation_id,
                 "routing_key": envelope.routing_key,
+                "order_no": envelope.body.get("order_no"),
             }
         )
+        handled = metrics.time_handler(self.spec, envelope.routing_key)
         try:
             if parsed.rejection:
                 return self._park(conn, envelope, now, *parsed.rejection)
@@ -261,11 +279,13 @@ class WindowApplier:
             for race in (1, 2):
                 try:
                     with conn.begin_nested():
-                        uow = UnitOfWork(conn, envelope, now)
+                        uow = UnitOfWork(conn, envelope, now, window_stock)
                         if not uow.claim():
                             return Duplicate()
                         route.handler(parsed.command, uow)
                         uow.flush()
+                    if window_stock is not None:
+                        window_stock.keep(uow.stock_reserved)
                     return Applied()
                 except Refusal as refusal:
                     return self._refuse(conn, envelope, now, route, parsed.command, refusal)
@@ -282,6 +302,7 @@ class WindowApplier:
                     return self._failed(conn, envelope, now, parsed, exc)
             raise AssertionError("unreachable")
         finally:
+            handled()
             message_context.reset(token)
 
     def _refuse(
@@ -294,6 +315,7 @@ class WindowApplier:
         refusal: Refusal,
     ) -> Outcome:
         log.info("command refused", extra={"reason": refusal.reason, "detail": refusal.detail})
+        metrics.command_refused(self.spec, envelope.routing_key, refusal.reason)
         with conn.begin_nested():
             uow = UnitOfWork(conn, envelope, now)
             if not uow.claim():
@@ -420,6 +442,7 @@ class ConsumerProcess:
                 backoff = 0.5
             except (pika.exceptions.AMQPError, OSError, WindowFailed) as exc:
                 log.warning("connection lost; reconnecting", extra={"error": repr(exc), "in_s": backoff})
+                metrics.reconnecting("consumer", exc)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
         for thread in threads:
@@ -444,6 +467,7 @@ class ConsumerProcess:
 
             tag = channel.basic_consume(self.spec.queue, on_message, consumer_tag=self.name)
             log.info("consuming", extra={"prefetch": self.settings.prefetch})
+            metrics.consumer_connected(self.spec.queue, True)
             applier = WindowApplier(
                 self.engine,
                 self.spec,
@@ -460,6 +484,7 @@ class ConsumerProcess:
             if buffer:
                 self._handle_window(applier, list(buffer), channel, publisher)
         finally:
+            metrics.consumer_connected(self.spec.queue, False)
             if connection.is_open:
                 try:
                     connection.close()
@@ -473,6 +498,7 @@ class ConsumerProcess:
         channel: BlockingChannel,
         publisher: BlockingChannel,
     ) -> None:
+        started = metrics.window_received(self.spec, window)
         parsed = [validate(d, self.spec.routes) for d in window]
         try:
             outcomes = applier.apply(parsed)
@@ -490,6 +516,7 @@ class ConsumerProcess:
             elif isinstance(outcome, Retry):
                 self._publish_retry(publisher, delivery, outcome)
         channel.basic_ack(delivery_tag=window[-1].tag, multiple=True)
+        metrics.window_acked(self.spec, window, outcomes, started)
 
     def _apply_alone(self, applier: WindowApplier, parsed: Parsed) -> Outcome:
         try:

@@ -13,7 +13,7 @@ from domain.status import OrderStatus
 from settings import Settings
 from store import coupons, numbers
 from store import tables as t
-from store.stock import StockMove, lock_line, record_locks
+from store.stock import StockMove, record_locks
 from store.uow import UnitOfWork
 
 
@@ -54,7 +54,7 @@ class OrderPlacement:
         warehouses: dict[int, str] = {}
         for line_no, item in sorted(numbered, key=lambda pair: pair[1].sku):
             snap = snapshots[item.sku]
-            warehouses[line_no] = lock_line(conn, item.sku, item.quantity, snap.warehouse_id)
+            warehouses[line_no] = uow.lock_stock(item.sku, item.quantity, snap.warehouse_id)
 
         lines = [
             pricing.Line(

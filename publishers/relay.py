@@ -96,10 +96,11 @@ class ConfirmedPublisher:
         stay unsent.
         """
         deadline = time.monotonic() + timeout
-        while self.outstanding:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self.outstanding)} publisher confirms did not arrive")
-            self.connection.process_data_events(time_limit=0.05)
+        # Wait on the connection's own I/O loop until the last confirm is in (pika's
+        # process_data_events would only return early for events dispatched to the blocking layer).
+        self.connection._flush_output(lambda: not self.outstanding or time.monotonic() > deadline)  # noqa: SLF001
+        if self.outstanding:
+            raise TimeoutError(f"{len(self.outstanding)} publisher confirms did not arrive")
         # Returns are dispatched by the blocking channel; give them their turn too.
         self.connection.process_data_events(time_limit=0)
         results = (self.nacked, self.returned)

@@ -142,3 +142,55 @@ def assign_child(conn: Connection, order_no: str, line_no: int, child_order_no: 
         text("UPDATE stock_locks SET child_order_no = :child WHERE order_no = :o AND line_no = :l"),
         {"child": child_order_no, "o": order_no, "l": line_no},
     )
+
+
+class StockShortfall(Exception):
+    """A window's summed stock locks no longer fit: the window is applied again, locking as it goes."""
+
+
+class WindowStockLocks:
+    """Stock locks of a whole window, applied together just before its commit.
+
+    Locking stock rows inside each message's savepoint would hold the hot rows for the whole
+    window, and two consumers' windows would then run one after the other. Instead each
+    message reserves against what is committed (less what this window already reserved), and
+    `apply` moves the summed quantities in one conditional update per row, in (sku, warehouse)
+    order so that windows never deadlock. If a row no longer has enough (another consumer took
+    it meanwhile), StockShortfall sends the window back to be applied message by message.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[tuple[str, str], int] = {}
+
+    def reserve(
+        self, conn: Connection, pending: dict[tuple[str, str], int], sku: str, quantity: int, preferred: str
+    ) -> str:
+        """Reserve for one message (into `pending`); returns the warehouse, or Refusal(OUT_OF_STOCK)."""
+        rows = conn.execute(
+            text("SELECT warehouse_id, available FROM stock WHERE sku = :sku ORDER BY warehouse_id"),
+            {"sku": sku},
+        ).all()
+        for warehouse, available in sorted(rows, key=lambda r: (r.warehouse_id != preferred, r.warehouse_id)):
+            key = (sku, warehouse)
+            if available - self.totals.get(key, 0) - pending.get(key, 0) >= quantity:
+                pending[key] = pending.get(key, 0) + quantity
+                return str(warehouse)
+        raise Refusal(Reason.OUT_OF_STOCK, f"{sku}: fewer than {quantity} available")
+
+    def keep(self, pending: dict[tuple[str, str], int]) -> None:
+        """The message committed to its savepoint: its reservations count for the window."""
+        for key, quantity in pending.items():
+            self.totals[key] = self.totals.get(key, 0) + quantity
+
+    def apply(self, conn: Connection) -> None:
+        """Lock the summed quantities, row by row in a fixed order; StockShortfall if one no longer fits."""
+        for (sku, warehouse), quantity in sorted(self.totals.items()):
+            moved = conn.execute(
+                text(
+                    "UPDATE stock SET available = available - :q, locked = locked + :q "
+                    "WHERE sku = :sku AND warehouse_id = :wh AND available >= :q"
+                ),
+                {"q": quantity, "sku": sku, "wh": warehouse},
+            ).rowcount
+            if moved != 1:
+                raise StockShortfall(f"{sku}@{warehouse}: {quantity} no longer available")

@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from domain.names import EVENTS_EXCHANGE, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TIMERS_EXCHANGE
 from settings import format_duration
 from store import tables as t
+from store.stock import WindowStockLocks, lock_line
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,28 @@ class UnitOfWork:
     until the transaction commits and the relay publishes the outbox rows.
     """
 
-    def __init__(self, conn: Connection, envelope: Envelope, now: datetime) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        envelope: Envelope,
+        now: datetime,
+        window_stock: WindowStockLocks | None = None,
+    ) -> None:
         self.conn = conn
         self.envelope = envelope
         self.now = now
         self.outgoing: list[OutboxRow] = []
+        self.window_stock = window_stock
+        self.stock_reserved: dict[tuple[str, str], int] = {}
+
+    def lock_stock(self, sku: str, quantity: int, preferred_warehouse: str) -> str:
+        """Lock units of a SKU for an order line (now, or with the window's other locks before commit).
+
+        Returns the warehouse the units come from; Refusal(OUT_OF_STOCK) when none has enough.
+        """
+        if self.window_stock is None:
+            return lock_line(self.conn, sku, quantity, preferred_warehouse)
+        return self.window_stock.reserve(self.conn, self.stock_reserved, sku, quantity, preferred_warehouse)
 
     @property
     def correlation_id(self) -> str | None:

@@ -494,3 +494,17 @@ def test_refund_results_with_bad_signature_or_unknown_refund_are_parked(
     # And the refund is untouched
     assert system.db.scalar("SELECT status FROM refunds WHERE refund_no = %s", refund_no) == "REQUESTED"
     assert order_row(system, created["order_no"])["status"] == "PAID"
+
+
+def test_nothing_ships_while_a_user_cancel_refund_is_under_way(system: System, events: EventListener) -> None:
+    # Given a paid order the user cancelled, its refund requested but not settled
+    user, created, _tea, _pot = given_paid_two_package_order(system, events)
+    order_no = created["order_no"]
+    cancel(system, order_no, user)
+    events.one(Evt.REFUND_REQUESTED, order_no=order_no)
+    # When the merchant tries to ship a child
+    system.send("order.ship", {"order_no": f"{order_no}-01", "carrier": "SF", "tracking_no": unique("sf")})
+    # Then it is refused and the child stays unshipped
+    refused = events.one(Evt.ORDER_REJECTED, order_no=f"{order_no}-01")
+    assert refused["reason"] == Reason.INVALID_STATE
+    assert order_row(system, f"{order_no}-01")["status"] == "PAID"
