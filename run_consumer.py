@@ -38,6 +38,7 @@ def _periodic(
 
 def consume(queue: str, settings: Settings) -> int:
     """Run one queue's consumer in this process until SIGTERM/SIGINT."""
+    import metrics
     from consumers.loop import ConsumerProcess
     from consumers.registry import consumer_specs
     from publishers.relay import OutboxRelay
@@ -51,6 +52,8 @@ def consume(queue: str, settings: Settings) -> int:
         background.append(OutboxRelay(make_engine(settings.database_url, pool_size=1), settings).run)
     if spec.periodic is not None:
         background.append(_periodic(spec.periodic, settings, engine))
+    if settings.metrics_port is not None:  # /metrics and /healthz, plus the database gauges' sampler
+        background.append(metrics.start(settings, queue, make_engine(settings.database_url, pool_size=1)))
     return ConsumerProcess(spec, settings, engine, declarer(settings), background).run()
 
 
