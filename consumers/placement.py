@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from consumers.loop import ConsumerSpec, Route
 from consumers.schemas import OrderPlace
@@ -13,7 +13,7 @@ from domain.status import OrderStatus
 from settings import Settings
 from store import coupons, numbers
 from store import tables as t
-from store.stock import StockMove, record_locks
+from store.stock import StockMove, lock_rows
 from store.uow import UnitOfWork
 
 
@@ -71,23 +71,27 @@ class OrderPlacement:
         quote = pricing.quote(lines, physical, cmd.user_id, coupon, uow.now)
         deadline = uow.now + self.payment_timeout
 
-        conn.execute(
-            insert(t.orders).values(
-                order_no=order_no,
-                user_id=cmd.user_id,
-                request_id=cmd.request_id,
-                order_type=cmd.order_type,
-                status=OrderStatus.PENDING_PAYMENT,
-                goods_total=quote.goods_total,
-                freight=quote.freight,
-                discount_total=quote.discount_total,
-                payable=quote.payable,
-                coupon_code=cmd.coupon_code,
-                receiver=cmd.receiver.model_dump() if cmd.receiver else None,
-                pay_deadline=deadline,
-                placed_at=uow.now,
-                updated_at=uow.now,
-            )
+        # Every write below goes through uow.insert, after all checks: the route is batchable.
+        uow.insert(
+            t.orders,
+            [
+                {
+                    "order_no": order_no,
+                    "user_id": cmd.user_id,
+                    "request_id": cmd.request_id,
+                    "order_type": cmd.order_type,
+                    "status": OrderStatus.PENDING_PAYMENT,
+                    "goods_total": quote.goods_total,
+                    "freight": quote.freight,
+                    "discount_total": quote.discount_total,
+                    "payable": quote.payable,
+                    "coupon_code": cmd.coupon_code,
+                    "receiver": cmd.receiver.model_dump() if cmd.receiver else None,
+                    "pay_deadline": deadline,
+                    "placed_at": uow.now,
+                    "updated_at": uow.now,
+                }
+            ],
         )
         items = [
             {
@@ -103,9 +107,9 @@ class OrderPlacement:
             }
             for ln in lines
         ]
-        conn.execute(insert(t.order_items), items)
+        uow.insert(t.order_items, items)
         moves = [(ln.line_no, StockMove(ln.sku, ln.warehouse_id, ln.quantity)) for ln in lines]
-        record_locks(conn, order_no, moves)
+        uow.insert(t.stock_locks, lock_rows(order_no, moves))
         if cmd.coupon_code:
             coupons.hold(conn, cmd.coupon_code, order_no)
 
@@ -154,5 +158,5 @@ class OrderPlacement:
 
 def spec(settings: Settings) -> ConsumerSpec:
     placement = OrderPlacement(settings)
-    routes = {Cmd.ORDER_PLACE: Route(OrderPlace, placement.place, placement.refuse)}
+    routes = {Cmd.ORDER_PLACE: Route(OrderPlace, placement.place, placement.refuse, batchable=True)}
     return ConsumerSpec(PLACEMENT_QUEUE, routes, ((COMMANDS_EXCHANGE, Cmd.ORDER_PLACE),))

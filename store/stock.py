@@ -63,24 +63,19 @@ def lock_line(conn: Connection, sku: str, quantity: int, preferred_warehouse: st
     raise Refusal(Reason.OUT_OF_STOCK, f"{sku}: fewer than {quantity} available")
 
 
-def record_locks(conn: Connection, order_no: str, locks: list[tuple[int, StockMove]]) -> None:
-    """Write the ledger rows (state LOCKED) of an order's lines."""
-    conn.execute(
-        text(
-            "INSERT INTO stock_locks (order_no, line_no, sku, warehouse_id, quantity, state) "
-            "VALUES (:order_no, :line_no, :sku, :warehouse_id, :quantity, 'LOCKED')"
-        ),
-        [
-            {
-                "order_no": order_no,
-                "line_no": line_no,
-                "sku": m.sku,
-                "warehouse_id": m.warehouse_id,
-                "quantity": m.quantity,
-            }
-            for line_no, m in locks
-        ],
-    )
+def lock_rows(order_no: str, locks: list[tuple[int, StockMove]]) -> list[dict[str, Any]]:
+    """The ledger rows (state LOCKED) of an order's lines, for an insert into stock_locks."""
+    return [
+        {
+            "order_no": order_no,
+            "line_no": line_no,
+            "sku": m.sku,
+            "warehouse_id": m.warehouse_id,
+            "quantity": m.quantity,
+            "state": LOCKED,
+        }
+        for line_no, m in locks
+    ]
 
 
 def _move(conn: Connection, order_no: str, child_order_no: str | None, src: str, dst: str) -> list[StockMove]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, Table, delete, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from domain.names import EVENTS_EXCHANGE, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TIMERS_EXCHANGE
@@ -57,6 +57,7 @@ class UnitOfWork:
         envelope: Envelope,
         now: datetime,
         window_stock: WindowStockLocks | None = None,
+        buffer: WriteBuffer | None = None,
     ) -> None:
         self.conn = conn
         self.envelope = envelope
@@ -64,6 +65,17 @@ class UnitOfWork:
         self.outgoing: list[OutboxRow] = []
         self.window_stock = window_stock
         self.stock_reserved: dict[tuple[str, str], int] = {}
+        # With a buffer, inserts wait for the window's end (one multi-row insert per table).
+        self.buffer = buffer
+
+    def insert(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        """Insert rows now, or into the window's write buffer when the window batches its writes."""
+        if not rows:
+            return
+        if self.buffer is not None:
+            self.buffer.add(table, rows)
+        else:
+            self.conn.execute(insert(table), rows)
 
     def lock_stock(self, sku: str, quantity: int, preferred_warehouse: str) -> str:
         """Lock units of a SKU for an order line (now, or with the window's other locks before commit).
@@ -116,25 +128,28 @@ class UnitOfWork:
         detail: Mapping[str, Any] | None = None,
     ) -> None:
         """Append a line to the order's timeline (the operation log)."""
-        self.conn.execute(
-            insert(t.order_timeline).values(
-                order_no=order_no,
-                actor=actor,
-                action=action,
-                from_status=from_status,
-                to_status=to_status,
-                detail=dict(detail) if detail else None,
-                message_id=self.envelope.message_id,
-                at=self.now,
-            )
+        self.insert(
+            t.order_timeline,
+            [
+                {
+                    "order_no": order_no,
+                    "actor": actor,
+                    "action": action,
+                    "from_status": from_status,
+                    "to_status": to_status,
+                    "detail": dict(detail) if detail else None,
+                    "message_id": self.envelope.message_id,
+                    "at": self.now,
+                }
+            ],
         )
 
     def flush(self) -> None:
         """Write the collected outbox rows in one statement."""
         if not self.outgoing:
             return
-        self.conn.execute(
-            insert(t.outbox),
+        self.insert(
+            t.outbox,
             [
                 {
                     "message_id": row.message_id,
@@ -148,3 +163,60 @@ class UnitOfWork:
             ],
         )
         self.outgoing.clear()
+
+
+class WriteBuffer:
+    """Inserts of a whole window, written once per table just before commit.
+
+    Only handlers that read before they write and write through `UnitOfWork.insert` may be
+    batched this way (Route.batchable): a refusal then simply drops that message's buffered rows.
+    """
+
+    # Parents before children, so foreign keys hold within the window's statements.
+    ORDER = ("orders", "order_items", "stock_locks", "order_timeline", "outbox")
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[Table, list[dict[str, Any]]]] = {}
+
+    def add(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        self.rows.setdefault(table.name, (table, []))[1].extend(rows)
+
+    def merge(self, other: WriteBuffer) -> None:
+        for table, rows in other.rows.values():
+            self.add(table, rows)
+
+    def write(self, conn: Connection) -> None:
+        """One multi-row insert per table (rows with the same columns go together)."""
+        names = sorted(
+            self.rows, key=lambda name: (self.ORDER.index(name) if name in self.ORDER else 99, name)
+        )
+        for name in names:
+            table, rows = self.rows[name]
+            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for row in rows:
+                by_columns.setdefault(tuple(sorted(row)), []).append(row)
+            for group in by_columns.values():
+                conn.execute(insert(table), group)
+
+
+def claim_all(conn: Connection, consumer: str, envelopes: list[Envelope]) -> set[str]:
+    """Insert the dedup rows of a window in one statement; returns the message ids newly claimed."""
+    rows = {e.message_id: e.routing_key for e in envelopes if e.message_id}
+    if not rows:
+        return set()
+    claimed = conn.execute(
+        pg_insert(t.processed_messages)
+        .values([{"consumer": consumer, "message_id": m, "routing_key": k} for m, k in rows.items()])
+        .on_conflict_do_nothing()
+        .returning(t.processed_messages.c.message_id)
+    ).scalars()
+    return set(claimed)
+
+
+def unclaim(conn: Connection, consumer: str, message_ids: list[str]) -> None:
+    """Remove dedup rows of messages that were parked instead of applied."""
+    conn.execute(
+        delete(t.processed_messages).where(
+            t.processed_messages.c.consumer == consumer, t.processed_messages.c.message_id.in_(message_ids)
+        )
+    )

@@ -195,3 +195,27 @@ def test_unknown_sku_is_a_business_refusal(system: System, events: EventListener
     user = unique("user")
     place(system, user, [{"sku": unique("nosuch"), "quantity": 1}])
     assert events.one("order.rejected", user_id=user)["reason"] == "UNKNOWN_SKU"
+
+
+def test_refused_multi_line_orders_lock_nothing(system: System, events: EventListener) -> None:
+    # Given one SKU in stock and one sold out
+    plenty = given_sku(system, events, price=100, stock=50)
+    none_left = given_sku(system, events, price=100, stock=0)
+    users = [unique("user") for _ in range(20)]
+    # When 20 orders (delivered together, so they share windows) each want one of both
+    with system.publisher() as pub:
+        for user in users:
+            pub.send(
+                "order.place",
+                {
+                    "request_id": unique("req"),
+                    "user_id": user,
+                    "order_type": "physical",
+                    "items": [{"sku": plenty, "quantity": 1}, {"sku": none_left, "quantity": 1}],
+                    "receiver": RECEIVER,
+                },
+            )
+    refused = events.wait_for("order.rejected", count=20, where=lambda b: b["user_id"] in users)
+    # Then all are refused and the first line's stock is not held by any of them
+    assert {r.body["reason"] for r in refused} == {"OUT_OF_STOCK"}
+    assert stock_of(system, plenty)["locked"] == 0 and stock_of(system, plenty)["available"] == 50
