@@ -9,7 +9,7 @@ COPY publishers publishers
 COPY cli cli
 COPY migrations migrations
 COPY scripts scripts
-COPY alembic.ini settings.py topology.py run_consumer.py logs.py ./
+COPY alembic.ini settings.py topology.py run_consumer.py logs.py metrics.py ./
 RUN pip install .
 USER nobody
 CMD ["python", "run_consumer.py", "--list"]

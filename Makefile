@@ -40,7 +40,7 @@ test-faults: install services
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy domain store consumers publishers cli settings.py topology.py run_consumer.py logs.py
+	$(VENV)/bin/mypy domain store consumers publishers cli settings.py topology.py run_consumer.py logs.py metrics.py
 
 bench: install services  ## benchmarks with progress bars; results in bench/RESULTS.md and bench/out/
 	$(PY) -m bench

@@ -75,7 +75,7 @@ RETRIED = Counter(
 )
 REFUSED = Counter(
     "order_commands_refused",
-    "Valid commands the business refused (OUT_OF_STOCK, BAD_SIGNATURE, ...), by reason",
+    "Valid commands the business refused (OUT_OF_STOCK, BAD_SIGNATURE, ...); a retried window counts again",
     (*_MESSAGE, "reason"),
     registry=REGISTRY,
 )

@@ -54,6 +54,8 @@ class Route:
     # The handler reads and checks first and writes only through UnitOfWork.insert: its writes
     # can wait for the window's end, and a refusal needs no savepoint.
     batchable: bool = False
+    # For a batched window: reads the whole window needs, up front (available as uow.prefetched).
+    prefetch: Callable[[Connection, list[Any], WindowStockLocks | None], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -272,17 +274,30 @@ class WindowApplier:
                 self.spec.queue,
                 [e for p, e in zip(window, envelopes, strict=True) if p.rejection is None],
             )
+            prefetched = self._prefetch(conn, window, window_stock)
             for parsed, envelope in zip(window, envelopes, strict=True):
                 token = message_context.set(
                     {
                         "message_id": envelope.message_id,
                         "correlation_id": envelope.correlation_id,
                         "routing_key": envelope.routing_key,
+                        "order_no": envelope.body.get("order_no"),
                     }
                 )
+                handled = metrics.time_handler(self.spec, envelope.routing_key)
                 try:
-                    outcome = self._apply_buffered(conn, parsed, envelope, now, fresh, window_stock, buffer)
+                    outcome = self._apply_buffered(
+                        conn,
+                        parsed,
+                        envelope,
+                        now,
+                        fresh,
+                        window_stock,
+                        buffer,
+                        prefetched.get(envelope.routing_key),
+                    )
                 finally:
+                    handled()
                     message_context.reset(token)
                 if isinstance(outcome, Park) and parsed.rejection is None and envelope.message_id:
                     parked_ids.append(envelope.message_id)
@@ -293,6 +308,20 @@ class WindowApplier:
                 unclaim(conn, self.spec.queue, parked_ids)
         return outcomes
 
+    def _prefetch(
+        self, conn: Connection, window: Sequence[Parsed], window_stock: WindowStockLocks
+    ) -> dict[str, object]:
+        """Each route's up-front reads for its commands in this window (routing key -> result)."""
+        commands: dict[str, list[Any]] = {}
+        for parsed in window:
+            if parsed.command is not None:
+                commands.setdefault(parsed.delivery.routing_key, []).append(parsed.command)
+        return {
+            key: prefetch(conn, cmds, window_stock)
+            for key, cmds in commands.items()
+            if (prefetch := self.spec.routes[key].prefetch) is not None
+        }
+
     def _apply_buffered(
         self,
         conn: Connection,
@@ -302,9 +331,11 @@ class WindowApplier:
         fresh: set[str],
         window_stock: WindowStockLocks,
         buffer: WriteBuffer,
+        prefetched: object | None,
     ) -> Outcome:
         own = WriteBuffer()
         uow = UnitOfWork(conn, envelope, now, window_stock, own)
+        uow.prefetched = prefetched
         if parsed.rejection is not None:
             return self._announce_park(uow, buffer, own, *parsed.rejection)
         if envelope.message_id not in fresh:
@@ -317,6 +348,7 @@ class WindowApplier:
             uow.flush()
         except Refusal as refusal:
             log.info("command refused", extra={"reason": refusal.reason, "detail": refusal.detail})
+            metrics.command_refused(self.spec, envelope.routing_key, refusal.reason)
             # Drop everything the message did before it was refused: rows, events, stock reservations.
             own, uow.outgoing, uow.stock_reserved = WriteBuffer(), [], {}
             uow.buffer = own

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, select, tuple_
 
 from consumers.loop import ConsumerSpec, Route
 from consumers.schemas import OrderPlace
@@ -13,8 +16,72 @@ from domain.status import OrderStatus
 from settings import Settings
 from store import coupons, numbers
 from store import tables as t
-from store.stock import StockMove, lock_rows
+from store.stock import StockMove, WindowStockLocks, lock_rows
 from store.uow import UnitOfWork
+
+
+class PlacementReads:
+    """What placing an order reads, one query at a time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def existing_order(self, user_id: str, request_id: str) -> str | None:
+        """The order this user's request already made, if any."""
+        return self.conn.execute(
+            select(t.orders.c.order_no).where(
+                t.orders.c.user_id == user_id,
+                t.orders.c.request_id == request_id,
+                t.orders.c.parent_no.is_(None),
+            )
+        ).scalar()
+
+    def snapshots(self, skus: list[str]) -> dict[str, Row[Any]]:
+        return {row.sku: row for row in self.conn.execute(select(t.skus).where(t.skus.c.sku.in_(skus))).all()}
+
+    def order_number(self, now: datetime) -> str:
+        return numbers.next_number(self.conn, numbers.ORDER, now)
+
+    def made(self, user_id: str, request_id: str, order_no: str) -> None:
+        """An order was made (seen by later messages of the same window)."""
+
+
+class WindowPlacementReads(PlacementReads):
+    """The same answers for a whole window, read with three queries up front."""
+
+    def __init__(
+        self, conn: Connection, commands: list[OrderPlace], window_stock: WindowStockLocks | None
+    ) -> None:
+        super().__init__(conn)
+        pairs = sorted({(c.user_id, c.request_id) for c in commands})
+        skus = sorted({line.sku for c in commands for line in c.items})
+        self.existing: dict[tuple[str, str], str] = {
+            (r.user_id, r.request_id): r.order_no
+            for r in conn.execute(
+                select(t.orders.c.user_id, t.orders.c.request_id, t.orders.c.order_no).where(
+                    t.orders.c.parent_no.is_(None),
+                    tuple_(t.orders.c.user_id, t.orders.c.request_id).in_(pairs),
+                )
+            )
+        }
+        self.skus = {row.sku: row for row in conn.execute(select(t.skus).where(t.skus.c.sku.in_(skus))).all()}
+        self.numbers = list(numbers.next_numbers(conn, len(commands)))
+        if window_stock is not None:
+            window_stock.preload(conn, skus)
+
+    def existing_order(self, user_id: str, request_id: str) -> str | None:
+        return self.existing.get((user_id, request_id))
+
+    def snapshots(self, skus: list[str]) -> dict[str, Row[Any]]:
+        return {sku: self.skus[sku] for sku in skus if sku in self.skus}
+
+    def order_number(self, now: datetime) -> str:
+        if not self.numbers:
+            return super().order_number(now)
+        return numbers.format_number(numbers.ORDER, now, self.numbers.pop(0))
+
+    def made(self, user_id: str, request_id: str, order_no: str) -> None:
+        self.existing[(user_id, request_id)] = order_no
 
 
 class OrderPlacement:
@@ -25,29 +92,22 @@ class OrderPlacement:
 
     def place(self, cmd: OrderPlace, uow: UnitOfWork) -> None:
         conn = uow.conn
-        existing = conn.execute(
-            select(t.orders.c.order_no).where(
-                t.orders.c.user_id == cmd.user_id,
-                t.orders.c.request_id == cmd.request_id,
-                t.orders.c.parent_no.is_(None),
-            )
-        ).scalar()
+        reads = uow.prefetched if isinstance(uow.prefetched, PlacementReads) else PlacementReads(conn)
+        existing = reads.existing_order(cmd.user_id, cmd.request_id)
         if existing:
             raise Refusal(
                 Reason.DUPLICATE_REQUEST, "this request_id already made an order", order_no=existing
             )
 
         wanted = sorted({line.sku for line in cmd.items})
-        snapshots = {
-            row.sku: row for row in conn.execute(select(t.skus).where(t.skus.c.sku.in_(wanted))).all()
-        }
+        snapshots = reads.snapshots(wanted)
         unknown = [sku for sku in wanted if sku not in snapshots]
         if unknown:
             raise Refusal(Reason.UNKNOWN_SKU, f"unknown SKU {', '.join(unknown)}")
 
         coupon = coupons.load_for_order(conn, cmd.coupon_code) if cmd.coupon_code else None
         physical = cmd.order_type == "physical"
-        order_no = numbers.next_number(conn, numbers.ORDER, uow.now)
+        order_no = reads.order_number(uow.now)
 
         # Lock in SKU order so that two multi-line orders never wait on each other in a cycle.
         numbered = list(enumerate(cmd.items, start=1))
@@ -141,6 +201,7 @@ class OrderPlacement:
         )
         uow.emit(Evt.STOCK_LOCKED, {"order_no": order_no, "items": [m.as_event_item() for _, m in moves]})
         uow.start_timer(Timer.PAYMENT_TIMEOUT, order_no, self.payment_timeout)
+        reads.made(cmd.user_id, cmd.request_id, order_no)
 
     @staticmethod
     def refuse(cmd: OrderPlace, refusal: Refusal, uow: UnitOfWork) -> None:
@@ -158,5 +219,9 @@ class OrderPlacement:
 
 def spec(settings: Settings) -> ConsumerSpec:
     placement = OrderPlacement(settings)
-    routes = {Cmd.ORDER_PLACE: Route(OrderPlace, placement.place, placement.refuse, batchable=True)}
+    routes = {
+        Cmd.ORDER_PLACE: Route(
+            OrderPlace, placement.place, placement.refuse, batchable=True, prefetch=WindowPlacementReads
+        )
+    }
     return ConsumerSpec(PLACEMENT_QUEUE, routes, ((COMMANDS_EXCHANGE, Cmd.ORDER_PLACE),))

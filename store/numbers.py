@@ -20,7 +20,19 @@ REFUND: Final = "R"
 
 def next_number(conn: Connection, kind: str, now: datetime) -> str:
     """A new number of `kind` (ORDER, AFTERSALE, REFUND)."""
-    seq = conn.execute(text("SELECT nextval('order_no_seq')")).scalar_one()
+    return format_number(kind, now, conn.execute(text("SELECT nextval('order_no_seq')")).scalar_one())
+
+
+def next_numbers(conn: Connection, count: int) -> list[int]:
+    """`count` sequence values in one round trip (for a window of orders)."""
+    return list(
+        conn.execute(
+            text("SELECT nextval('order_no_seq') FROM generate_series(1, :n)"), {"n": count}
+        ).scalars()
+    )
+
+
+def format_number(kind: str, now: datetime, seq: int) -> str:
     return f"{kind}{now:%Y%m%d%H%M%S}{seq % 1_000_000:06d}"
 
 

@@ -156,16 +156,31 @@ class WindowStockLocks:
 
     def __init__(self) -> None:
         self.totals: dict[tuple[str, str], int] = {}
+        self.rows: dict[str, list[tuple[str, int]]] | None = None  # sku -> (warehouse, available)
+
+    def preload(self, conn: Connection, skus: list[str]) -> None:
+        """Read the stock rows of every SKU the window will reserve, in one query."""
+        self.rows = {sku: [] for sku in skus}
+        for row in conn.execute(
+            text("SELECT sku, warehouse_id, available FROM stock WHERE sku = ANY(:skus)"), {"skus": skus}
+        ):
+            self.rows[row.sku].append((row.warehouse_id, row.available))
+
+    def _rows(self, conn: Connection, sku: str) -> list[tuple[str, int]]:
+        if self.rows is not None and sku in self.rows:
+            return self.rows[sku]
+        return [
+            (r.warehouse_id, r.available)
+            for r in conn.execute(
+                text("SELECT warehouse_id, available FROM stock WHERE sku = :sku"), {"sku": sku}
+            )
+        ]
 
     def reserve(
         self, conn: Connection, pending: dict[tuple[str, str], int], sku: str, quantity: int, preferred: str
     ) -> str:
         """Reserve for one message (into `pending`); returns the warehouse, or Refusal(OUT_OF_STOCK)."""
-        rows = conn.execute(
-            text("SELECT warehouse_id, available FROM stock WHERE sku = :sku ORDER BY warehouse_id"),
-            {"sku": sku},
-        ).all()
-        for warehouse, available in sorted(rows, key=lambda r: (r.warehouse_id != preferred, r.warehouse_id)):
+        for warehouse, available in sorted(self._rows(conn, sku), key=lambda r: (r[0] != preferred, r[0])):
             key = (sku, warehouse)
             if available - self.totals.get(key, 0) - pending.get(key, 0) >= quantity:
                 pending[key] = pending.get(key, 0) + quantity

@@ -67,6 +67,8 @@ class UnitOfWork:
         self.stock_reserved: dict[tuple[str, str], int] = {}
         # With a buffer, inserts wait for the window's end (one multi-row insert per table).
         self.buffer = buffer
+        # What the route read for the whole window up front (Route.prefetch), if anything.
+        self.prefetched: object | None = None
 
     def insert(self, table: Table, rows: list[dict[str, Any]]) -> None:
         """Insert rows now, or into the window's write buffer when the window batches its writes."""
