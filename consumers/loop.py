@@ -15,7 +15,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -276,16 +277,7 @@ class WindowApplier:
             )
             prefetched = self._prefetch(conn, window, window_stock)
             for parsed, envelope in zip(window, envelopes, strict=True):
-                token = message_context.set(
-                    {
-                        "message_id": envelope.message_id,
-                        "correlation_id": envelope.correlation_id,
-                        "routing_key": envelope.routing_key,
-                        "order_no": envelope.body.get("order_no"),
-                    }
-                )
-                handled = metrics.time_handler(self.spec, envelope.routing_key)
-                try:
+                with self._in_hand(envelope):
                     outcome = self._apply_buffered(
                         conn,
                         parsed,
@@ -296,9 +288,6 @@ class WindowApplier:
                         buffer,
                         prefetched.get(envelope.routing_key),
                     )
-                finally:
-                    handled()
-                    message_context.reset(token)
                 if isinstance(outcome, Park) and parsed.rejection is None and envelope.message_id:
                     parked_ids.append(envelope.message_id)
                 outcomes.append(outcome)
@@ -409,6 +398,12 @@ class WindowApplier:
     ) -> Outcome:
         envelope = self._envelope(parsed)
         now = self.clock()
+        with self._in_hand(envelope):
+            return self._apply_in_savepoint(conn, parsed, envelope, now, window_stock)
+
+    @contextmanager
+    def _in_hand(self, envelope: Envelope) -> Iterator[None]:
+        """While a message is applied: its ids on every log line, its handling timed."""
         token = message_context.set(
             {
                 "message_id": envelope.message_id,
@@ -419,38 +414,48 @@ class WindowApplier:
         )
         handled = metrics.time_handler(self.spec, envelope.routing_key)
         try:
-            if parsed.rejection:
-                return self._park(conn, envelope, now, *parsed.rejection)
-            assert parsed.command is not None
-            route = self.spec.routes[envelope.routing_key]
-            for race in (1, 2):
-                try:
-                    with conn.begin_nested():
-                        uow = UnitOfWork(conn, envelope, now, window_stock)
-                        if not uow.claim():
-                            return Duplicate()
-                        route.handler(parsed.command, uow)
-                        uow.flush()
-                    if window_stock is not None:
-                        window_stock.keep(uow.stock_reserved)
-                    return Applied()
-                except Refusal as refusal:
-                    return self._refuse(conn, envelope, now, route, parsed.command, refusal)
-                except ParkCommand as park:
-                    return self._park(conn, envelope, now, park.code, park.reason)
-                except (IntegrityError, ConcurrentUpdate) as exc:
-                    # A concurrent writer committed the same key first; looking again sees its row.
-                    if race == 1:
-                        continue
-                    return self._failed(conn, envelope, now, parsed, exc)
-                except Exception as exc:
-                    if is_transient(exc):
-                        raise
-                    return self._failed(conn, envelope, now, parsed, exc)
-            raise AssertionError("unreachable")
+            yield
         finally:
             handled()
             message_context.reset(token)
+
+    def _apply_in_savepoint(
+        self,
+        conn: Connection,
+        parsed: Parsed,
+        envelope: Envelope,
+        now: datetime,
+        window_stock: WindowStockLocks | None,
+    ) -> Outcome:
+        if parsed.rejection:
+            return self._park(conn, envelope, now, *parsed.rejection)
+        assert parsed.command is not None
+        route = self.spec.routes[envelope.routing_key]
+        for race in (1, 2):
+            try:
+                with conn.begin_nested():
+                    uow = UnitOfWork(conn, envelope, now, window_stock)
+                    if not uow.claim():
+                        return Duplicate()
+                    route.handler(parsed.command, uow)
+                    uow.flush()
+                if window_stock is not None:
+                    window_stock.keep(uow.stock_reserved)
+                return Applied()
+            except Refusal as refusal:
+                return self._refuse(conn, envelope, now, route, parsed.command, refusal)
+            except ParkCommand as park:
+                return self._park(conn, envelope, now, park.code, park.reason)
+            except (IntegrityError, ConcurrentUpdate) as exc:
+                # A concurrent writer committed the same key first; looking again sees its row.
+                if race == 1:
+                    continue
+                return self._failed(conn, envelope, now, parsed, exc)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                return self._failed(conn, envelope, now, parsed, exc)
+        raise AssertionError("unreachable")
 
     def _refuse(
         self,

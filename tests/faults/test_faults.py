@@ -15,8 +15,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import kombu.exceptions
 import pytest
 
+from publishers.commands import CommandPublisher
 from tests.faults.invariants import assert_invariants
 from tests.faults.tcp_proxy import TcpProxy
 from tests.support import AMQP_BASE, EventListener, System, fresh_system, unique
@@ -66,12 +68,24 @@ def stream(system: System, bodies: list[dict], per_second: float, duplicate: boo
     with system.publisher() as pub:
         for body in bodies:
             message_id = str(uuid.uuid4())
-            pub.send("order.place", body, message_id=message_id)
-            if duplicate:
-                pub.send("order.place", body, message_id=message_id)
+            for _ in range(2 if duplicate else 1):
+                send_until_confirmed(pub, body, message_id)
             ids.append(message_id)
             time.sleep(1 / per_second)
     return ids
+
+
+def send_until_confirmed(pub: CommandPublisher, body: dict, message_id: str, patience: float = 90) -> None:
+    """A producer that keeps its message id and tries again until the broker confirms it."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            pub.send("order.place", body, message_id=message_id)
+            return
+        except kombu.exceptions.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def wait_settled(system: System, ids: list[str], timeout: float = 180) -> None:
