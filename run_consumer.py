@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -62,8 +63,13 @@ def supervise(queues: list[str]) -> int:
     stopping = threading.Event()
     children: dict[str, subprocess.Popen[bytes]] = {}
 
+    base_port = os.environ.get("METRICS_PORT")
+
     def spawn(queue: str) -> None:
-        children[queue] = subprocess.Popen([sys.executable, __file__, queue])
+        env = dict(os.environ)
+        if base_port:  # one metrics port per child: METRICS_PORT, +1, +2, ... in --list order
+            env["METRICS_PORT"] = str(int(base_port) + queues.index(queue))
+        children[queue] = subprocess.Popen([sys.executable, __file__, queue], env=env)
 
     def forward(signum: int, _frame: object) -> None:
         stopping.set()

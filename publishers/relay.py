@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pika
@@ -25,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 import metrics
 from consumers.loop import connection_parameters
-from domain.names import EVENTS_EXCHANGE
+from domain.names import EVENTS_EXCHANGE, TIMERS_EXCHANGE
 from settings import Settings
 
 log = logging.getLogger("relay")
@@ -41,8 +42,19 @@ _MARK_SENT = text("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WH
 _MARK_FAILED = text("UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = ANY(:ids)")
 
 
-def properties_for(row: Any) -> pika.BasicProperties:
-    """Every property the contract lists for a message the service publishes."""
+def properties_for(row: Any, now: datetime | None = None) -> pika.BasicProperties:
+    """Every property the contract lists for a message the service publishes.
+
+    A timer also gets a per-message expiration of what is left until its due time: its delay
+    queue's TTL is the full timeout, so without it the relay's lag would be added to every
+    deadline. Timers of one delay queue are published in due-time order, so none waits behind
+    a later one at the head of the queue.
+    """
+    now = now or datetime.now(UTC)
+    expiration = None
+    if row.exchange == TIMERS_EXCHANGE and isinstance(row.body, dict) and "due_at" in row.body:
+        left = datetime.fromisoformat(row.body["due_at"]) - now
+        expiration = str(max(0, int(left.total_seconds() * 1000)))
     return pika.BasicProperties(
         message_id=row.message_id,
         correlation_id=row.correlation_id,
@@ -50,9 +62,10 @@ def properties_for(row: Any) -> pika.BasicProperties:
         content_type="application/json",
         content_encoding="utf-8",
         delivery_mode=2,
-        timestamp=int(time.time()),
+        timestamp=int(now.timestamp()),
         headers=row.headers or {"x-schema-version": 1},
         app_id="order-centre",
+        expiration=expiration,
     )
 
 

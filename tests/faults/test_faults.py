@@ -250,3 +250,64 @@ def test_connections_cut_and_restored(target: str) -> None:
             run_with_fault(system, events, cut)
         finally:
             events.stop()
+
+
+def test_commands_for_an_order_that_does_not_exist_yet() -> None:
+    with fresh_system(**FAULT_ENV) as system:
+        queues = ("order.payment", "order.fulfillment", "order.aftersale", "order.unrouted")
+        system.start(*queues)
+        events = EventListener(system.amqp_url).start()
+        try:
+            # Given no order O-future yet
+            ghost = unique("O-future")
+            commands = {
+                "payment.notify": system.signed(
+                    {
+                        "order_no": ghost,
+                        "payment_no": unique("p"),
+                        "method": "card",
+                        "amount": 100,
+                        "paid_at": "2026-11-26T10:00:00Z",
+                    }
+                ),
+                "order.cancel": {"order_no": ghost, "user_id": "u", "reason": "changed my mind"},
+                "order.update-address": {
+                    "order_no": ghost,
+                    "user_id": "u",
+                    "receiver": {"name": "n", "phone": "1", "address": "a"},
+                },
+                "order.ship": {"order_no": ghost, "carrier": "SF", "tracking_no": "T1"},
+                "logistics.update": {
+                    "order_no": ghost,
+                    "tracking_no": "T1",
+                    "status": "IN_TRANSIT",
+                    "at": "2026-11-26T10:00:00Z",
+                    "detail": "hub",
+                },
+                "order.confirm-receipt": {"order_no": ghost, "user_id": "u"},
+                "aftersale.request": {
+                    "order_no": ghost,
+                    "user_id": "u",
+                    "kind": "REFUND_ONLY",
+                    "amount": 1,
+                    "reason": "broken",
+                },
+                "merchant.cancel": {"order_no": ghost, "merchant_id": "M", "reason": "no stock"},
+            }
+            # When commands about it arrive (out of order, before the order exists)
+            ids = {key: system.send(key, body) for key, body in commands.items()}
+            # Then each is answered with a business refusal, none is parked, nothing is lost
+            for key, message_id in ids.items():
+                deadline = time.monotonic() + 15
+                while not events.for_correlation(message_id):
+                    assert time.monotonic() < deadline, f"{key} got no answer"
+                    time.sleep(0.1)
+                answer = events.for_correlation(message_id)[0]
+                assert answer.routing_key in {"payment.rejected", "order.rejected"}, (key, answer.routing_key)
+                assert answer.body["reason"] == "UNKNOWN_ORDER", (key, answer.body)
+            assert_invariants(system, ids.values())
+            assert not [p for p, _ in system.parked() if p.message_id in ids.values()]
+            assert all(proc.poll() is None for proc in system.processes.values())
+            assert system.orders("check").returncode == 0
+        finally:
+            events.stop()

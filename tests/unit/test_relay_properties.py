@@ -1,0 +1,49 @@
+"""Properties the relay puts on what it publishes (pure: no broker)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+from publishers.relay import properties_for
+
+NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+
+def row(exchange: str, routing_key: str, body: dict) -> SimpleNamespace:
+    return SimpleNamespace(
+        message_id="m-1",
+        correlation_id="c-1",
+        routing_key=routing_key,
+        exchange=exchange,
+        body=body,
+        headers={"x-schema-version": 1},
+    )
+
+
+def test_events_carry_every_contract_property_and_no_expiration() -> None:
+    props = properties_for(row("order.events", "order.created", {"order_no": "O1"}), NOW)
+    assert (props.message_id, props.correlation_id, props.type) == ("m-1", "c-1", "order.created")
+    assert (props.content_type, props.delivery_mode, props.timestamp) == (
+        "application/json",
+        2,
+        int(NOW.timestamp()),
+    )
+    assert props.headers == {"x-schema-version": 1}
+    assert props.expiration is None
+
+
+def test_a_timer_published_late_expires_at_its_due_time() -> None:
+    # Given a timer due 1.5 s from now (its delay queue's TTL is the full timeout)
+    due = (NOW + timedelta(milliseconds=1500)).isoformat()
+    props = properties_for(
+        row("order.timers", "payment-timeout.2s", {"kind": "payment-timeout", "due_at": due}), NOW
+    )
+    # Then it carries only what is left
+    assert props.expiration == "1500"
+
+
+def test_an_overdue_timer_expires_at_once() -> None:
+    due = (NOW - timedelta(seconds=3)).isoformat()
+    props = properties_for(row("order.timers", "payment-timeout.2s", {"due_at": due}), NOW)
+    assert props.expiration == "0"
