@@ -197,6 +197,10 @@ class Retry:
 Outcome = Applied | Duplicate | Park | Retry
 
 
+class NeedsSavepoints(Exception):
+    """A message of an optimistic window was refused, parked or failed: redo it with savepoints."""
+
+
 class WindowFailed(Exception):
     """The window's transaction kept failing for a transient reason; nothing of it committed."""
 
@@ -252,10 +256,50 @@ class WindowApplier:
                     extra={"error": repr(exc)},
                 )
             return self._transaction(window, None)
-        try:
-            return self._transaction(window, WindowStockLocks() if len(window) > 1 else None)
-        except StockShortfall:
-            return self._transaction(window, None)  # lock as we go
+        if len(window) > 1:
+            try:
+                return self._optimistic_transaction(window)
+            except (NeedsSavepoints, StockShortfall):
+                pass  # a message was refused, parked or failed: isolate each one
+        return self._transaction(window, None)
+
+    def _optimistic_transaction(self, window: Sequence[Parsed]) -> list[Outcome]:
+        """One transaction without savepoints, dedup rows claimed together.
+
+        Most windows apply cleanly; the first refusal, park or failure rolls the whole window
+        back (NeedsSavepoints) and it is applied again with a savepoint per message.
+        """
+        now = self.clock()
+        window_stock = WindowStockLocks()
+        outcomes: list[Outcome] = []
+        with self.engine.begin() as conn:
+            envelopes = [self._envelope(p) for p in window]
+            fresh = claim_all(
+                conn,
+                self.spec.queue,
+                [e for p, e in zip(window, envelopes, strict=True) if p.rejection is None],
+            )
+            for parsed, envelope in zip(window, envelopes, strict=True):
+                with self._in_hand(envelope):
+                    if parsed.rejection is not None:
+                        outcomes.append(self._park(conn, envelope, now, *parsed.rejection))
+                        continue
+                    if envelope.message_id not in fresh:
+                        outcomes.append(Duplicate())
+                        continue
+                    fresh.discard(envelope.message_id)
+                    uow = UnitOfWork(conn, envelope, now, window_stock)
+                    try:
+                        self.spec.routes[envelope.routing_key].handler(parsed.command, uow)
+                        uow.flush()
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        raise NeedsSavepoints(repr(exc)) from exc
+                    window_stock.keep(uow.stock_reserved)
+                    outcomes.append(Applied())
+            window_stock.apply(conn)
+        return outcomes
 
     def _batchable(self, window: Sequence[Parsed]) -> bool:
         routes = self.spec.routes
