@@ -57,6 +57,9 @@ class Route:
     batchable: bool = False
     # For a batched window: reads the whole window needs, up front (available as uow.prefetched).
     prefetch: Callable[[Connection, list[Any], WindowStockLocks | None], object] | None = None
+    # Optional set-based version of the handler for a window of fresh messages of this key:
+    # (conn, now, [(command, envelope)]), with the same effects as the handler for each.
+    apply_window: Callable[[Connection, datetime, list[tuple[Any, Envelope]]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,8 +262,9 @@ class WindowApplier:
         if len(window) > 1:
             try:
                 return self._optimistic_transaction(window)
-            except (NeedsSavepoints, StockShortfall):
-                pass  # a message was refused, parked or failed: isolate each one
+            except (NeedsSavepoints, StockShortfall) as exc:
+                # A message was refused, parked or failed: isolate each one.
+                log.info("window redone with a savepoint per message", extra={"why": str(exc)[:200]})
         return self._transaction(window, None)
 
     def _optimistic_transaction(self, window: Sequence[Parsed]) -> list[Outcome]:
@@ -279,6 +283,7 @@ class WindowApplier:
                 self.spec.queue,
                 [e for p, e in zip(window, envelopes, strict=True) if p.rejection is None],
             )
+            set_based: dict[str, list[tuple[Any, Envelope]]] = {}
             for parsed, envelope in zip(window, envelopes, strict=True):
                 with self._in_hand(envelope):
                     if parsed.rejection is not None:
@@ -288,9 +293,14 @@ class WindowApplier:
                         outcomes.append(Duplicate())
                         continue
                     fresh.discard(envelope.message_id)
+                    route = self.spec.routes[envelope.routing_key]
+                    if route.apply_window is not None:
+                        set_based.setdefault(envelope.routing_key, []).append((parsed.command, envelope))
+                        outcomes.append(Applied())
+                        continue
                     uow = UnitOfWork(conn, envelope, now, window_stock)
                     try:
-                        self.spec.routes[envelope.routing_key].handler(parsed.command, uow)
+                        route.handler(parsed.command, uow)
                         uow.flush()
                     except Exception as exc:
                         if is_transient(exc):
@@ -298,6 +308,15 @@ class WindowApplier:
                         raise NeedsSavepoints(repr(exc)) from exc
                     window_stock.keep(uow.stock_reserved)
                     outcomes.append(Applied())
+            for key, items in set_based.items():
+                apply_window = self.spec.routes[key].apply_window
+                assert apply_window is not None
+                try:
+                    apply_window(conn, now, items)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    raise NeedsSavepoints(repr(exc)) from exc
             window_stock.apply(conn)
         return outcomes
 

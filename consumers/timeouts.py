@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from consumers import aftersale, fulfillment, payment
 from consumers.loop import ConsumerSpec, Route
@@ -32,7 +32,14 @@ def _fire(kind: TimerKind) -> Route:
     def on_timer(cmd: TimerFired, uow: UnitOfWork) -> None:
         kind.fire(uow, cmd.ref)
 
-    return Route(TimerFired, on_timer)
+    apply_window = None
+    if kind.fire_many is not None:
+        fire_many = kind.fire_many
+
+        def apply_window(conn: Connection, now: datetime, items: list[tuple[TimerFired, Envelope]]) -> None:
+            fire_many(conn, now, [(cmd.ref, envelope) for cmd, envelope in items])
+
+    return Route(TimerFired, on_timer, apply_window=apply_window)
 
 
 def sweeper(kinds: list[TimerKind]):  # type: ignore[no-untyped-def]

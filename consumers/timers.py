@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection
 
-from store.uow import UnitOfWork
+from store.uow import Envelope, UnitOfWork
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,11 @@ class TimerKind:
         transition; a timer for something already settled changes nothing).
     overdue(conn, cutoff, limit): refs whose deadline is before `cutoff` and still pending,
         selected `FOR UPDATE SKIP LOCKED` so that several sweepers share the work.
+    fire_many(conn, now, timers): optional, what `fire` does for each of many timers, set-based.
     """
 
     kind: str
     fire: Callable[[UnitOfWork, str], None]
     overdue: Callable[[Connection, datetime, int], list[str]]
+    # Optional: the same effects for a whole window of timers at once (conn, now, [(ref, envelope)]).
+    fire_many: Callable[[Connection, datetime, list[tuple[str, Envelope]]], None] | None = None

@@ -204,3 +204,49 @@ class WindowStockLocks:
             ).rowcount
             if moved != 1:
                 raise StockShortfall(f"{sku}@{warehouse}: {quantity} no longer available")
+
+
+def release_orders_stock(conn: Connection, order_nos: list[str]) -> dict[str, list[StockMove]]:
+    """Release the locked lines of many unpaid orders at once (idempotent); returns moves by order.
+
+    The stock rows are locked in (sku, warehouse) order first, as every other stock writer does,
+    then changed in one statement.
+    """
+    if not order_nos:
+        return {}
+    rows = conn.execute(
+        text(
+            "UPDATE stock_locks SET state = 'RELEASED', updated_at = now() "
+            "WHERE order_no = ANY(:orders) AND state = 'LOCKED' "
+            "RETURNING order_no, sku, warehouse_id, quantity"
+        ),
+        {"orders": order_nos},
+    ).all()
+    by_order: dict[str, list[StockMove]] = {}
+    totals: dict[tuple[str, str], int] = {}
+    for r in rows:
+        by_order.setdefault(r.order_no, []).append(StockMove(r.sku, r.warehouse_id, int(r.quantity)))
+        totals[(r.sku, r.warehouse_id)] = totals.get((r.sku, r.warehouse_id), 0) + int(r.quantity)
+    if totals:
+        keys = sorted(totals)
+        params = {"skus": [k[0] for k in keys], "whs": [k[1] for k in keys], "qs": [totals[k] for k in keys]}
+        conn.execute(
+            text(
+                "SELECT 1 FROM stock s "
+                "JOIN unnest(CAST(:skus AS text[]), CAST(:whs AS text[])) AS v(sku, wh) "
+                "ON s.sku = v.sku AND s.warehouse_id = v.wh ORDER BY s.sku, s.warehouse_id FOR UPDATE OF s"
+            ),
+            params,
+        )
+        conn.execute(
+            text(
+                "UPDATE stock s SET locked = s.locked - v.q, available = s.available + v.q "
+                "FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[]), CAST(:qs AS bigint[])) "
+                "AS v(sku, wh, q) "
+                "WHERE s.sku = v.sku AND s.warehouse_id = v.wh"
+            ),
+            params,
+        )
+    return {
+        order_no: sorted(moves, key=lambda m: (m.sku, m.warehouse_id)) for order_no, moves in by_order.items()
+    }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from domain.pricing import FREIGHT_PER_PACKAGE
-from tests.support import EventListener, System, unique
+from tests.support import ROOT, EventListener, System, fresh_system, unique
 
 RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
 
@@ -165,30 +168,45 @@ def test_one_request_id_under_three_message_ids_gives_one_order(
     events.one("order.created", user_id=other)
 
 
-def test_ten_in_stock_fifty_concurrent_orders(system: System, events: EventListener) -> None:
-    # Given 10 units of one SKU
-    sku = given_sku(system, events, price=100, stock=10)
-    users = [unique("user") for _ in range(50)]
-    # When 50 users order one unit each at the same time
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda u: place(system, u, [{"sku": sku, "quantity": 1}]), users))
-
-    def answered() -> int:
-        return sum(
-            len(events.matching(k, user_id=u)) for u in users for k in ("order.created", "order.rejected")
+def test_ten_in_stock_fifty_concurrent_orders() -> None:
+    # A long payment timeout: no order may be cancelled (and its stock freed) while this runs.
+    with fresh_system(ORDER_PAYMENT_TIMEOUT="10m") as system:
+        # Given two placement consumers competing, and 10 units of one SKU
+        system.start("order.catalog")
+        system.start("order.placement")
+        second = subprocess.Popen(
+            [sys.executable, "run_consumer.py", "order.placement"],
+            cwd=ROOT,
+            env={**os.environ, **system.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-
-    events.wait_for("order.rejected", where=lambda b: b["user_id"] in users, count=40, timeout=30)
-    # Then exactly 10 orders were made and 40 refused as out of stock
-    created = [e for e in events.matching("order.created") if e.body["user_id"] in users]
-    rejected = [e for e in events.matching("order.rejected") if e.body["user_id"] in users]
-    assert len(created) == 10
-    assert len(rejected) == 40 and {r.body["reason"] for r in rejected} == {"OUT_OF_STOCK"}
-    assert answered() == 50
-    # And the stock adds up
-    counts = stock_of(system, sku)
-    assert counts["available"] + counts["locked"] + counts["sold"] == counts["restocked"] == 10
-    assert counts["available"] >= 0
+        events = EventListener(system.amqp_url).start()
+        try:
+            sku = given_sku(system, events, price=100, stock=10)
+            users = [unique("user") for _ in range(50)]
+            # When 50 users order one unit each at the same time
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda u: place(system, u, [{"sku": sku, "quantity": 1}]), users))
+            events.wait_for("order.rejected", where=lambda b: b["user_id"] in users, count=40, timeout=30)
+            # Then exactly 10 orders were made and 40 refused as out of stock
+            created = [e for e in events.matching("order.created") if e.body["user_id"] in users]
+            rejected = [e for e in events.matching("order.rejected") if e.body["user_id"] in users]
+            assert len(created) == 10
+            assert len(rejected) == 40 and {r.body["reason"] for r in rejected} == {"OUT_OF_STOCK"}
+            # And the stock adds up, with the 10 units locked by exactly those orders
+            counts = stock_of(system, sku)
+            assert (counts["available"], counts["locked"], counts["sold"], counts["restocked"]) == (
+                0,
+                10,
+                0,
+                10,
+            )
+            assert system.db.scalar("SELECT count(*) FROM orders WHERE status = 'PENDING_PAYMENT'") == 10
+        finally:
+            events.stop()
+            second.terminate()
+            second.wait(timeout=30)
 
 
 def test_unknown_sku_is_a_business_refusal(system: System, events: EventListener) -> None:

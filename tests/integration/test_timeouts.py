@@ -221,3 +221,68 @@ def test_restarting_with_another_timeout_needs_no_broker_work() -> None:
             assert (counts["available"], counts["locked"]) == (5, 0)
         finally:
             events.stop()
+
+
+def test_a_window_of_timers_is_cancelled_together_with_the_same_effects() -> None:
+    with fresh_system(ORDER_PAYMENT_TIMEOUT="2s", SWEEPER_GRACE="60s") as system:
+        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, "order.payment")
+        events = EventListener(system.amqp_url).start()
+        try:
+            # Given 30 unpaid orders of two lines, some with coupons, one paid in time, while the
+            # timeouts consumer is down (so their timers wait together in its queue)
+            tea = given_sku(system, events, price=1500, stock=100)
+            pot = given_sku(system, events, price=500, stock=100)
+            orders = []
+            for i in range(30):
+                user = unique("user")
+                code = given_coupon(system, events, user, amount=100) if i % 3 == 0 else None
+                orders.append(
+                    place_order(
+                        system,
+                        events,
+                        user,
+                        [{"sku": tea, "quantity": 1}, {"sku": pot, "quantity": 2}],
+                        coupon_code=code,
+                    )
+                )
+            paid = orders.pop()
+            pay(system, paid["order_no"], paid["payable"])
+            events.one(Evt.ORDER_PAID, order_no=paid["order_no"])
+            wait_until(lambda: queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] >= 30, 20, "timers to fire")
+            # When the timeouts consumer starts and takes them in one window
+            system.start(TIMEOUTS_QUEUE)
+            # Then every unpaid order is cancelled with its stock and coupon given back, exactly once
+            cancelled = events.wait_for(
+                Evt.ORDER_CANCELLED,
+                count=29,
+                timeout=30,
+                where=lambda b: b["order_no"] in {o["order_no"] for o in orders},
+            )
+            assert {c.body["order_no"] for c in cancelled} == {o["order_no"] for o in orders}
+            assert {(c.body["status"], c.body["reason"]) for c in cancelled} == {
+                ("CANCELLED", "PAYMENT_TIMEOUT")
+            }
+            for order in orders:
+                released = events.one(Evt.STOCK_RELEASED, order_no=order["order_no"])
+                assert sorted((i["sku"], i["quantity"]) for i in released["items"]) == sorted(
+                    [(tea, 1), (pot, 2)]
+                )
+                assert order_row(system, order["order_no"])["status"] == "CANCELLED"
+                assert len(events.matching(Evt.ORDER_CANCELLED, order_no=order["order_no"])) == 1
+            with_coupon = [c.body for c in cancelled if c.body["coupon_code"]]
+            assert len(with_coupon) == 10
+            assert system.db.scalar("SELECT count(*) FROM coupons WHERE state = 'HELD'") == 0
+            assert (
+                system.db.scalar(
+                    "SELECT count(*) FROM order_timeline "
+                    "WHERE action = 'PAYMENT_TIMEOUT' AND message_id IS NOT NULL"
+                )
+                == 29
+            )
+            # And the paid order is untouched, and the stock adds up
+            assert order_row(system, paid["order_no"])["status"] == "PAID"
+            for sku, sold in ((tea, 1), (pot, 2)):
+                counts = assert_stock_adds_up(system, sku)
+                assert (counts["locked"], counts["sold"]) == (0, sold)
+        finally:
+            events.stop()
