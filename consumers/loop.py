@@ -354,8 +354,8 @@ class WindowApplier:
                 if isinstance(outcome, Park) and parsed.rejection is None and envelope.message_id:
                     parked_ids.append(envelope.message_id)
                 outcomes.append(outcome)
-            window_stock.apply(conn)
             buffer.write(conn)
+            window_stock.apply(conn)  # last: the hot stock rows stay locked only until commit
             if parked_ids:  # parked commands keep no dedup row, so a replay applies them
                 unclaim(conn, self.spec.queue, parked_ids)
         return outcomes

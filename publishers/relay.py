@@ -37,6 +37,7 @@ _CLAIM = text(
 )
 # Rows the broker refused are tried again this often, after the fresh ones, so they never block them.
 FAILED_RETRY_SECONDS = 10.0
+RELAY_LOCK_KEY = 7_400_217_001  # pg advisory lock: the one relay that publishes right now
 CONFIRM_TIMEOUT_SECONDS = 30.0
 _MARK_SENT = text("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = ANY(:ids)")
 _MARK_FAILED = text("UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = ANY(:ids)")
@@ -189,6 +190,14 @@ class OutboxRelay:
                 break
         return total
 
+    @staticmethod
+    def _try_lead(listener: psycopg2.extensions.connection) -> bool:
+        """Take the relay's session-level advisory lock; it is released when the session ends."""
+        with listener.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
+            row = cur.fetchone()
+        return bool(row and row[0])
+
     def _listener(self) -> psycopg2.extensions.connection:
         url = make_url(self.engine.url)
         conn = psycopg2.connect(
@@ -227,11 +236,17 @@ class OutboxRelay:
             publisher = ConfirmedPublisher(connection)
             log.info("relay started")
             retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
+            leading = False
             while not stop.is_set():
-                include_failed = time.monotonic() >= retry_failed_at
-                if include_failed:
-                    retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
-                count = self.publish_batch(publisher, include_failed)
+                # One relay at a time does the work (the others stand by, taking over within a
+                # poll when it dies): every relay waking on every NOTIFY would only compete for rows.
+                leading = leading or self._try_lead(listener)
+                count = 0
+                if leading:
+                    include_failed = time.monotonic() >= retry_failed_at
+                    if include_failed:
+                        retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
+                    count = self.publish_batch(publisher, include_failed)
                 if count >= self.settings.relay_batch:
                     continue  # more is waiting
                 ready, _, _ = select.select([listener], [], [], self.poll_seconds)

@@ -193,17 +193,42 @@ class WindowStockLocks:
             self.totals[key] = self.totals.get(key, 0) + quantity
 
     def apply(self, conn: Connection) -> None:
-        """Lock the summed quantities, row by row in a fixed order; StockShortfall if one no longer fits."""
-        for (sku, warehouse), quantity in sorted(self.totals.items()):
-            moved = conn.execute(
-                text(
-                    "UPDATE stock SET available = available - :q, locked = locked + :q "
-                    "WHERE sku = :sku AND warehouse_id = :wh AND available >= :q"
-                ),
-                {"q": quantity, "sku": sku, "wh": warehouse},
-            ).rowcount
-            if moved != 1:
-                raise StockShortfall(f"{sku}@{warehouse}: {quantity} no longer available")
+        """Lock the summed quantities in two statements; StockShortfall if one no longer fits.
+
+        The rows are locked in (sku, warehouse) order first, as every stock writer does, so
+        windows never deadlock; the caller does this last, just before commit, to hold them briefly.
+        """
+        if not self.totals:
+            return
+        keys = sorted(self.totals)
+        params: dict[str, list[Any]] = {
+            "skus": [k[0] for k in keys],
+            "whs": [k[1] for k in keys],
+            "qs": [self.totals[k] for k in keys],
+        }
+        lock_rows_in_order(conn, params)
+        moved = conn.execute(
+            text(
+                "UPDATE stock s SET available = s.available - v.q, locked = s.locked + v.q "
+                "FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[]), CAST(:qs AS bigint[])) "
+                "AS v(sku, wh, q) WHERE s.sku = v.sku AND s.warehouse_id = v.wh AND s.available >= v.q"
+            ),
+            params,
+        ).rowcount
+        if moved != len(keys):
+            raise StockShortfall(f"{len(keys) - moved} of {len(keys)} stock rows no longer have enough")
+
+
+def lock_rows_in_order(conn: Connection, params: dict[str, list[Any]]) -> None:
+    """Lock the stock rows named by params' skus/whs arrays in (sku, warehouse) order."""
+    conn.execute(
+        text(
+            "SELECT 1 FROM stock s "
+            "JOIN unnest(CAST(:skus AS text[]), CAST(:whs AS text[])) AS v(sku, wh) "
+            "ON s.sku = v.sku AND s.warehouse_id = v.wh ORDER BY s.sku, s.warehouse_id FOR UPDATE OF s"
+        ),
+        {"skus": params["skus"], "whs": params["whs"]},
+    )
 
 
 def release_orders_stock(conn: Connection, order_nos: list[str]) -> dict[str, list[StockMove]]:
@@ -229,15 +254,12 @@ def release_orders_stock(conn: Connection, order_nos: list[str]) -> dict[str, li
         totals[(r.sku, r.warehouse_id)] = totals.get((r.sku, r.warehouse_id), 0) + int(r.quantity)
     if totals:
         keys = sorted(totals)
-        params = {"skus": [k[0] for k in keys], "whs": [k[1] for k in keys], "qs": [totals[k] for k in keys]}
-        conn.execute(
-            text(
-                "SELECT 1 FROM stock s "
-                "JOIN unnest(CAST(:skus AS text[]), CAST(:whs AS text[])) AS v(sku, wh) "
-                "ON s.sku = v.sku AND s.warehouse_id = v.wh ORDER BY s.sku, s.warehouse_id FOR UPDATE OF s"
-            ),
-            params,
-        )
+        params: dict[str, list[Any]] = {
+            "skus": [k[0] for k in keys],
+            "whs": [k[1] for k in keys],
+            "qs": [totals[k] for k in keys],
+        }
+        lock_rows_in_order(conn, params)
         conn.execute(
             text(
                 "UPDATE stock s SET locked = s.locked - v.q, available = s.available + v.q "
