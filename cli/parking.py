@@ -19,7 +19,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from cli.format import parked_summary, replay_headers, replay_target
-from consumers.loop import connection_parameters, copy_properties
+from consumers.loop import connection_parameters, copy_properties, settle_parked
 from domain.names import PARKING_LOT_QUEUE
 from settings import Settings
 
@@ -88,7 +88,7 @@ def replay(settings: Settings, message_ids: Collection[str] | None) -> list[dict
         results: list[dict[str, Any]] = []
         for parked in _take_all(channel, None):
             if message_ids is not None and parked.message_id not in message_ids:
-                channel.basic_nack(parked.delivery_tag, requeue=True)
+                settle_parked(channel, parked.delivery_tag, replayed=False)
                 continue
             props = parked.properties
             exchange, routing_key = replay_target(props.headers, props.type, parked.delivered_key)
@@ -102,10 +102,10 @@ def replay(settings: Settings, message_ids: Collection[str] | None) -> list[dict
                     mandatory=True,
                 )
             except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-                channel.basic_nack(parked.delivery_tag, requeue=True)
+                settle_parked(channel, parked.delivery_tag, replayed=False)
                 results.append({**entry, "replayed": False, "error": type(exc).__name__})
                 continue
-            channel.basic_ack(parked.delivery_tag)  # only once the broker holds the new copy
+            settle_parked(channel, parked.delivery_tag, replayed=True)  # the broker holds the new copy
             results.append({**entry, "replayed": True, "error": None})
         return results
     finally:

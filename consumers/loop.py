@@ -599,6 +599,14 @@ def copy_properties(props: pika.BasicProperties, headers: dict[str, Any]) -> pik
     )
 
 
+def settle_parked(channel: BlockingChannel, delivery_tag: int, replayed: bool) -> None:
+    """A parked message taken for a replay: acked once its new copy is confirmed, else put back."""
+    if replayed:
+        channel.basic_ack(delivery_tag)
+    else:
+        channel.basic_nack(delivery_tag, requeue=True)
+
+
 def parked_headers(delivery: Delivery, queue: str, code: str, reason: str) -> dict[str, Any]:
     headers = delivery.headers
     headers.update(
