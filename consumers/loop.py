@@ -277,12 +277,7 @@ class WindowApplier:
         window_stock = WindowStockLocks()
         outcomes: list[Outcome] = []
         with self.engine.begin() as conn:
-            envelopes = [self._envelope(p) for p in window]
-            fresh = claim_all(
-                conn,
-                self.spec.queue,
-                [e for p, e in zip(window, envelopes, strict=True) if p.rejection is None],
-            )
+            envelopes, fresh = self._claim(conn, window)
             set_based: dict[str, list[tuple[Any, Envelope]]] = {}
             for parsed, envelope in zip(window, envelopes, strict=True):
                 with self._in_hand(envelope):
@@ -332,12 +327,7 @@ class WindowApplier:
         outcomes: list[Outcome] = []
         parked_ids: list[str] = []
         with self.engine.begin() as conn:
-            envelopes = [self._envelope(p) for p in window]
-            fresh = claim_all(
-                conn,
-                self.spec.queue,
-                [e for p, e in zip(window, envelopes, strict=True) if p.rejection is None],
-            )
+            envelopes, fresh = self._claim(conn, window)
             prefetched = self._prefetch(conn, window, window_stock)
             for parsed, envelope in zip(window, envelopes, strict=True):
                 with self._in_hand(envelope):
@@ -359,6 +349,12 @@ class WindowApplier:
             if parked_ids:  # parked commands keep no dedup row, so a replay applies them
                 unclaim(conn, self.spec.queue, parked_ids)
         return outcomes
+
+    def _claim(self, conn: Connection, window: Sequence[Parsed]) -> tuple[list[Envelope], set[str]]:
+        """The window's envelopes, and the message ids newly claimed (dedup rows, one statement)."""
+        envelopes = [self._envelope(p) for p in window]
+        valid = [e for p, e in zip(window, envelopes, strict=True) if p.rejection is None]
+        return envelopes, claim_all(conn, self.spec.queue, valid)
 
     def _prefetch(
         self, conn: Connection, window: Sequence[Parsed], window_stock: WindowStockLocks

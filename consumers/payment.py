@@ -522,7 +522,8 @@ class PaymentFlows:
             "order_no": refund.order_no,
             "amount": refund.amount,
             "reason": refund.source,
-            "status": status,
+            # The refund's own state; `status` in events is kept for order and after-sale statuses.
+            "refund_status": status,
             "provider_refund_no": cmd.provider_refund_no,
         }
         if action == RefundAction.FAIL:

@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,7 +38,6 @@ _CLAIM = text(
 )
 # Rows the broker refused are tried again this often, after the fresh ones, so they never block them.
 FAILED_RETRY_SECONDS = 10.0
-RELAY_LOCK_KEY = 7_400_217_001  # pg advisory lock: the one relay that publishes right now
 CONFIRM_TIMEOUT_SECONDS = 30.0
 _MARK_SENT = text("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = ANY(:ids)")
 _MARK_FAILED = text("UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = ANY(:ids)")
@@ -68,6 +68,19 @@ def properties_for(row: Any, now: datetime | None = None) -> pika.BasicPropertie
         app_id="order-centre",
         expiration=expiration,
     )
+
+
+def publishing_order(rows: Sequence[Any]) -> list[Any]:
+    """Events in outbox order; timers by due time, so a delay queue's head is its earliest timer.
+
+    Windows of several consumers commit in any order, so outbox ids do not follow due times.
+    """
+    events = [row for row in rows if row.exchange != TIMERS_EXCHANGE]
+    timers = [row for row in rows if row.exchange == TIMERS_EXCHANGE]
+    timers.sort(
+        key=lambda row: (str(row.body.get("due_at", "")) if isinstance(row.body, dict) else "", row.id)
+    )
+    return events + timers
 
 
 def encode(body: Any) -> bytes:
@@ -154,7 +167,7 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            for row in rows:
+            for row in publishing_order(rows):
                 publisher.publish(
                     row.message_id, row.exchange, row.routing_key, encode(row.body), properties_for(row)
                 )
@@ -189,14 +202,6 @@ class OutboxRelay:
             if count < self.settings.relay_batch:
                 break
         return total
-
-    @staticmethod
-    def _try_lead(listener: psycopg2.extensions.connection) -> bool:
-        """Take the relay's session-level advisory lock; it is released when the session ends."""
-        with listener.cursor() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
-            row = cur.fetchone()
-        return bool(row and row[0])
 
     def _listener(self) -> psycopg2.extensions.connection:
         url = make_url(self.engine.url)
@@ -236,17 +241,11 @@ class OutboxRelay:
             publisher = ConfirmedPublisher(connection)
             log.info("relay started")
             retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
-            leading = False
             while not stop.is_set():
-                # One relay at a time does the work (the others stand by, taking over within a
-                # poll when it dies): every relay waking on every NOTIFY would only compete for rows.
-                leading = leading or self._try_lead(listener)
-                count = 0
-                if leading:
-                    include_failed = time.monotonic() >= retry_failed_at
-                    if include_failed:
-                        retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
-                    count = self.publish_batch(publisher, include_failed)
+                include_failed = time.monotonic() >= retry_failed_at
+                if include_failed:
+                    retry_failed_at = time.monotonic() + FAILED_RETRY_SECONDS
+                count = self.publish_batch(publisher, include_failed)
                 if count >= self.settings.relay_batch:
                     continue  # more is waiting
                 ready, _, _ = select.select([listener], [], [], self.poll_seconds)

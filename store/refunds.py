@@ -58,7 +58,7 @@ def request_refund(
             "order_no": order_no,
             "amount": amount,
             "reason": source,
-            "status": RefundStatus.REQUESTED,
+            "refund_status": RefundStatus.REQUESTED,
         },
     )
     return refund_no
@@ -100,7 +100,7 @@ def retry_refund(uow: UnitOfWork, refund_no: str, actor: str) -> bool:
             "order_no": refund.order_no,
             "amount": refund.amount,
             "reason": refund.source,
-            "status": RefundStatus.REQUESTED,
+            "refund_status": RefundStatus.REQUESTED,
             "attempt": refund.attempts + 1,
         },
     )

@@ -441,3 +441,25 @@ def fresh_system(**env: str) -> Iterator[System]:
 def unique(prefix: str) -> str:
     """A name no other test uses (tests share a session's system)."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def given_sku(
+    system: System, events: EventListener, price: int, stock: int, merchant: str = "M1", warehouse: str = "W1"
+) -> str:
+    """A new SKU of `merchant` with `stock` units in `warehouse` (none when stock is 0)."""
+    sku = unique("sku")
+    system.send(
+        "sku.upsert",
+        {
+            "sku": sku,
+            "name": f"Item {sku}",
+            "unit_price": price,
+            "merchant_id": merchant,
+            "warehouse_id": warehouse,
+        },
+    )
+    events.one("sku.upserted", sku=sku)
+    if stock:
+        system.send("stock.restock", {"sku": sku, "warehouse_id": warehouse, "quantity": stock})
+        events.one("stock.restocked", sku=sku)
+    return sku

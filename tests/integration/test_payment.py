@@ -9,34 +9,13 @@ from typing import Any
 from domain.errors import Reason
 from domain.names import PAYMENT_QUEUE, Cmd, Evt
 from domain.pricing import FREIGHT_PER_PACKAGE
-from tests.support import EventListener, System, unique
+from tests.support import EventListener, System, given_sku, unique
 
 RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
 
 
 # --------------------------------------------------------------------------------------------
 # Given / When helpers (test_timeouts.py uses them too)
-
-
-def given_sku(
-    system: System, events: EventListener, price: int, stock: int, merchant: str = "M1", warehouse: str = "W1"
-) -> str:
-    """A SKU with `stock` units in one warehouse."""
-    sku = unique("sku")
-    system.send(
-        Cmd.SKU_UPSERT,
-        {
-            "sku": sku,
-            "name": f"Item {sku}",
-            "unit_price": price,
-            "merchant_id": merchant,
-            "warehouse_id": warehouse,
-        },
-    )
-    events.one(Evt.SKU_UPSERTED, sku=sku)
-    system.send(Cmd.STOCK_RESTOCK, {"sku": sku, "warehouse_id": warehouse, "quantity": stock})
-    events.one(Evt.STOCK_RESTOCKED, sku=sku)
-    return sku
 
 
 def given_coupon(system: System, events: EventListener, user: str, amount: int) -> str:
@@ -441,7 +420,7 @@ def test_a_failed_refund_stays_open_and_a_later_success_still_closes(
     again = refund_result(system, refund_no, "FAILED")
     wait_processed(system, again)
     # Then refund.failed is said once, the refund is FAILED (retryable) and the order still paid
-    assert (failed["order_no"], failed["amount"], failed["status"]) == (
+    assert (failed["order_no"], failed["amount"], failed["refund_status"]) == (
         order_no,
         created["payable"],
         "FAILED",

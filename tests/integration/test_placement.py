@@ -9,30 +9,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from domain.pricing import FREIGHT_PER_PACKAGE
-from tests.support import ROOT, EventListener, System, fresh_system, unique
+from tests.support import ROOT, EventListener, System, fresh_system, given_sku, unique
 
 RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
-
-
-def given_sku(
-    system: System, events: EventListener, price: int, stock: int, merchant: str = "M1", warehouse: str = "W1"
-) -> str:
-    sku = unique("sku")
-    system.send(
-        "sku.upsert",
-        {
-            "sku": sku,
-            "name": f"Item {sku}",
-            "unit_price": price,
-            "merchant_id": merchant,
-            "warehouse_id": warehouse,
-        },
-    )
-    events.one("sku.upserted", sku=sku)
-    if stock:
-        system.send("stock.restock", {"sku": sku, "warehouse_id": warehouse, "quantity": stock})
-        events.one("stock.restocked", sku=sku)
-    return sku
 
 
 def place(

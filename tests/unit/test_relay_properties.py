@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from publishers.relay import properties_for
+from publishers.relay import properties_for, publishing_order
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
@@ -47,3 +47,13 @@ def test_an_overdue_timer_expires_at_once() -> None:
     due = (NOW - timedelta(seconds=3)).isoformat()
     props = properties_for(row("order.timers", "payment-timeout.2s", {"due_at": due}), NOW)
     assert props.expiration == "0"
+
+
+def test_timers_go_out_by_due_time_and_events_in_outbox_order() -> None:
+    rows = [
+        SimpleNamespace(id=1, exchange="order.timers", body={"due_at": "2026-11-26T12:00:05+00:00"}),
+        SimpleNamespace(id=2, exchange="order.events", body={}),
+        SimpleNamespace(id=3, exchange="order.timers", body={"due_at": "2026-11-26T12:00:01+00:00"}),
+        SimpleNamespace(id=4, exchange="order.events", body={}),
+    ]
+    assert [r.id for r in publishing_order(rows)] == [2, 4, 3, 1]
