@@ -114,7 +114,9 @@ class ConfirmedPublisher:
         # Record first: publishing flushes I/O, and this message's confirm may arrive during it.
         self.outstanding[self.next_tag] = message_id
         self.next_tag += 1
-        self.channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
+        # Straight to the underlying channel: the frames are buffered and go out together when
+        # `wait` runs the connection's I/O (the blocking channel would flush after every message).
+        self.channel._impl.basic_publish(exchange, routing_key, body, props, mandatory=True)  # noqa: SLF001
 
     def wait(self, timeout: float) -> tuple[set[str], set[str]]:
         """Process I/O until every publish is confirmed; returns (nacked, returned) message ids.
