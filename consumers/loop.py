@@ -649,11 +649,24 @@ class ConsumerProcess:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         threads = [
-            threading.Thread(target=job, args=(self.stop_event,), name=getattr(job, "__name__", "job"))
+            # Daemons: should this thread ever die, the background jobs must not keep the process up.
+            threading.Thread(
+                target=job, args=(self.stop_event,), name=getattr(job, "__name__", "job"), daemon=True
+            )
             for job in self.background
         ]
         for thread in threads:
             thread.start()
+        try:
+            self._consume_until_stopped()
+        finally:
+            self.stop_event.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        log.info("stopped")
+        return 0
+
+    def _consume_until_stopped(self) -> None:
         backoff = 0.5
         while not self.stop_event.is_set():
             try:
@@ -664,10 +677,13 @@ class ConsumerProcess:
                 metrics.reconnecting("consumer", exc)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-        for thread in threads:
-            thread.join(timeout=30)
-        log.info("stopped")
-        return 0
+            except Exception as exc:
+                # Anything else (pika raises ValueError for a socket reset mid-handshake): the
+                # consumer must not die while its process lives on; start over after a pause.
+                log.exception("consumer failed; starting again", extra={"in_s": backoff})
+                metrics.reconnecting("consumer", exc)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     def _consume(self) -> None:
         connection = pika.BlockingConnection(connection_parameters(self.settings, self.name))
