@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
@@ -42,7 +43,7 @@ def _fire(kind: TimerKind) -> Route:
     return Route(TimerFired, on_timer, apply_window=apply_window)
 
 
-def sweeper(kinds: list[TimerKind]):  # type: ignore[no-untyped-def]
+def sweeper(kinds: list[TimerKind]) -> Callable[[Engine, Settings], None]:
     """The backstop: applies timeouts whose timer message never came (queue purged, data lost)."""
 
     def sweep(engine: Engine, settings: Settings) -> None:
