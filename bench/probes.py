@@ -1,0 +1,164 @@
+"""Lean probes: end-to-end latency and timer lateness without the bench harness's own load.
+
+    python -m bench.probes latency [SECONDS]    # 200 orders/s, publish -> order.created
+    python -m bench.probes timers [ORDERS]      # a burst left unpaid (5 s), deadline -> order.cancelled
+
+One publisher thread (kombu, a confirm per command) and one pika consumer thread that only
+timestamps the event it waits for; the service runs as catalog + 2 placement processes
+(+ timeouts), like the bench scenarios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+
+from tests.support import ROOT, EventListener, System, fresh_system
+
+SKUS = [f"probe-{i}" for i in range(200)]
+
+
+@contextmanager
+def service(*queues: str, **env: str) -> Iterator[System]:
+    with fresh_system(LOG_LEVEL="WARNING", **env) as system:
+        system.start("order.catalog", "order.placement", *queues)
+        second = subprocess.Popen(
+            [sys.executable, "run_consumer.py", "order.placement"],
+            cwd=ROOT,
+            env={**os.environ, **system.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            events = EventListener(system.amqp_url).start()
+            with system.publisher() as pub:
+                for i, sku in enumerate(SKUS):
+                    pub.send(
+                        "sku.upsert",
+                        {
+                            "sku": sku,
+                            "name": sku,
+                            "unit_price": 100 + i,
+                            "merchant_id": f"M{i % 5}",
+                            "warehouse_id": f"W{i % 5}",
+                        },
+                    )
+                    pub.send(
+                        "stock.restock", {"sku": sku, "warehouse_id": f"W{i % 5}", "quantity": 1_000_000}
+                    )
+            events.wait_for("stock.restocked", count=len(SKUS), timeout=60)
+            events.stop()
+            yield system
+        finally:
+            second.terminate()
+            second.wait(timeout=30)
+
+
+@contextmanager
+def receipts(system: System, key: str, ident: Callable[[pika.BasicProperties, bytes], str]) -> Iterator[dict]:
+    """Receipt times of one event, by `ident`, taken in a thread that does nothing else."""
+    got: dict[str, datetime] = {}
+    ready, stop = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        conn = pika.BlockingConnection(pika.URLParameters(system.amqp_url))
+        ch = conn.channel()
+        queue = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(queue, "order.events", key)
+        ch.basic_consume(
+            queue, lambda _c, _m, p, b: got.__setitem__(ident(p, b), datetime.now(UTC)), auto_ack=True
+        )
+        ready.set()
+        while not stop.is_set():
+            conn.process_data_events(0.1)
+        conn.close()
+
+    threading.Thread(target=listen, daemon=True).start()
+    ready.wait(15)
+    try:
+        yield got
+    finally:
+        stop.set()
+
+
+def summary(values_ms: list[float]) -> dict[str, Any]:
+    values = sorted(values_ms)
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values), 1),
+        "p99_ms": round(values[int(len(values) * 0.99)], 1),
+        "max_ms": round(values[-1], 1),
+    }
+
+
+def order(rng: random.Random, request_id: str) -> dict[str, Any]:
+    items = [{"sku": rng.choice(SKUS), "quantity": rng.randint(1, 3)} for _ in range(rng.randint(1, 3))]
+    return {
+        "request_id": request_id,
+        "user_id": f"u{rng.randrange(1000)}",
+        "order_type": "physical",
+        "items": items,
+        "receiver": {"name": "Probe", "phone": "1", "address": "1 Probe Road"},
+    }
+
+
+def latency(seconds: int = 20, rate: int = 200) -> dict[str, Any]:
+    rng = random.Random(1)
+    sent: dict[str, datetime] = {}
+    with (
+        service(ORDER_PAYMENT_TIMEOUT="15m") as system,
+        receipts(system, "order.created", lambda props, _body: str(props.correlation_id)) as got,
+        system.publisher() as pub,
+    ):
+        next_at = time.monotonic()
+        for _ in range(seconds * rate):
+            message_id = str(uuid.uuid4())
+            sent[message_id] = datetime.now(UTC)
+            pub.send("order.place", order(rng, message_id), message_id=message_id)
+            next_at += 1 / rate
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        deadline = time.monotonic() + 60
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return summary([(got[m] - t).total_seconds() * 1000 for m, t in sent.items() if m in got])
+
+
+def timers(count: int = 5000) -> dict[str, Any]:
+    rng = random.Random(2)
+    with (
+        service("order.timeouts", ORDER_PAYMENT_TIMEOUT="5s", SWEEPER_GRACE="60s") as system,
+        receipts(system, "order.cancelled", lambda _props, body: json.loads(body)["order_no"]) as got,
+    ):
+        with system.publisher() as pub:
+            for _ in range(count):
+                pub.send("order.place", order(rng, str(uuid.uuid4())))
+        deadline = time.monotonic() + 120
+        while len(got) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        rows = system.db.query("SELECT order_no, pay_deadline FROM orders WHERE parent_no IS NULL")
+        return summary(
+            [
+                (got[r["order_no"]] - r["pay_deadline"]).total_seconds() * 1000
+                for r in rows
+                if r["order_no"] in got
+            ]
+        )
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "latency"
+    arg = [int(sys.argv[2])] if len(sys.argv) > 2 else []
+    print(json.dumps({which: (latency if which == "latency" else timers)(*arg)}))
