@@ -11,10 +11,8 @@ timestamps the event it waits for; the service runs as catalog + 2 placement pro
 from __future__ import annotations
 
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +24,7 @@ from typing import Any
 
 import pika
 
-from tests.support import ROOT, EventListener, System, fresh_system
+from tests.support import EventListener, System, fresh_system
 
 SKUS = [f"probe-{i}" for i in range(200)]
 
@@ -35,13 +33,7 @@ SKUS = [f"probe-{i}" for i in range(200)]
 def service(*queues: str, **env: str) -> Iterator[System]:
     with fresh_system(LOG_LEVEL="WARNING", **env) as system:
         system.start("order.catalog", "order.placement", *queues)
-        second = subprocess.Popen(
-            [sys.executable, "run_consumer.py", "order.placement"],
-            cwd=ROOT,
-            env={**os.environ, **system.env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        second = system.start_another("order.placement")
         try:
             events = EventListener(system.amqp_url).start()
             with system.publisher() as pub:

@@ -307,6 +307,16 @@ class System:
         if wait:
             self.wait_consuming(*queues)
 
+    def start_another(self, queue: str) -> subprocess.Popen[bytes]:
+        """One more consumer process for an already started queue (competing consumers); caller stops it."""
+        return subprocess.Popen(
+            [sys.executable, "run_consumer.py", queue],
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
     def wait_consuming(self, *queues: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         for queue in queues:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from domain.pricing import FREIGHT_PER_PACKAGE
-from tests.support import ROOT, EventListener, System, fresh_system, given_sku, unique
+from tests.support import EventListener, System, fresh_system, given_sku, unique
 
 RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
 
@@ -153,13 +150,7 @@ def test_ten_in_stock_fifty_concurrent_orders() -> None:
         # Given two placement consumers competing, and 10 units of one SKU
         system.start("order.catalog")
         system.start("order.placement")
-        second = subprocess.Popen(
-            [sys.executable, "run_consumer.py", "order.placement"],
-            cwd=ROOT,
-            env={**os.environ, **system.env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        second = system.start_another("order.placement")
         events = EventListener(system.amqp_url).start()
         try:
             sku = given_sku(system, events, price=100, stock=10)
