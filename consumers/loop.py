@@ -258,14 +258,14 @@ class WindowApplier:
                     "batched window failed; applying it with a savepoint per message",
                     extra={"error": repr(exc)},
                 )
-            return self._transaction(window, None)
+            return self._transaction(window)
         if len(window) > 1:
             try:
                 return self._optimistic_transaction(window)
             except (NeedsSavepoints, StockShortfall) as exc:
                 # A message was refused, parked or failed: isolate each one.
                 log.info("window redone with a savepoint per message", extra={"why": str(exc)[:200]})
-        return self._transaction(window, None)
+        return self._transaction(window)
 
     def _optimistic_transaction(self, window: Sequence[Parsed]) -> list[Outcome]:
         """One transaction without savepoints, dedup rows claimed together.
@@ -429,12 +429,10 @@ class WindowApplier:
         buffer.merge(own)
         return Park(code, reason)
 
-    def _transaction(self, window: Sequence[Parsed], window_stock: WindowStockLocks | None) -> list[Outcome]:
-        """One transaction for the window: a savepoint per message, the summed stock locks, commit."""
+    def _transaction(self, window: Sequence[Parsed]) -> list[Outcome]:
+        """One transaction for the window, a savepoint per message (stock locked as it goes), commit."""
         with self.engine.begin() as conn:
-            outcomes = [self._apply_one(conn, parsed, window_stock) for parsed in window]
-            if window_stock is not None:
-                window_stock.apply(conn)
+            outcomes = [self._apply_one(conn, parsed) for parsed in window]
         return outcomes
 
     def announce_rejection(self, parsed: Parsed, code: str, reason: str) -> Outcome:
@@ -452,13 +450,11 @@ class WindowApplier:
             body=parsed.raw or {},
         )
 
-    def _apply_one(
-        self, conn: Connection, parsed: Parsed, window_stock: WindowStockLocks | None = None
-    ) -> Outcome:
+    def _apply_one(self, conn: Connection, parsed: Parsed) -> Outcome:
         envelope = self._envelope(parsed)
         now = self.clock()
         with self._in_hand(envelope):
-            return self._apply_in_savepoint(conn, parsed, envelope, now, window_stock)
+            return self._apply_in_savepoint(conn, parsed, envelope, now)
 
     @contextmanager
     def _in_hand(self, envelope: Envelope) -> Iterator[None]:
@@ -484,7 +480,6 @@ class WindowApplier:
         parsed: Parsed,
         envelope: Envelope,
         now: datetime,
-        window_stock: WindowStockLocks | None,
     ) -> Outcome:
         if parsed.rejection:
             return self._park(conn, envelope, now, *parsed.rejection)
@@ -493,13 +488,11 @@ class WindowApplier:
         for race in (1, 2):
             try:
                 with conn.begin_nested():
-                    uow = UnitOfWork(conn, envelope, now, window_stock)
+                    uow = UnitOfWork(conn, envelope, now)
                     if not uow.claim():
                         return Duplicate()
                     route.handler(parsed.command, uow)
                     uow.flush()
-                if window_stock is not None:
-                    window_stock.keep(uow.stock_reserved)
                 return Applied()
             except Refusal as refusal:
                 return self._refuse(conn, envelope, now, route, parsed.command, refusal)
