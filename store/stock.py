@@ -92,7 +92,6 @@ def _move(conn: Connection, order_no: str, child_order_no: str | None, src: str,
 
 
 _COUNTER_MOVES = {
-    (LOCKED, RELEASED): "locked = locked - :q, available = available + :q",
     (LOCKED, DEDUCTED): "locked = locked - :q, sold = sold + :q",
     (DEDUCTED, RESTORED): "sold = sold - :q, available = available + :q",
 }
@@ -118,7 +117,7 @@ def _apply(
 
 def release_stock(conn: Connection, order_no: str) -> list[StockMove]:
     """Give an unpaid order's locked units back to `available` (idempotent)."""
-    return _apply(conn, order_no, None, LOCKED, RELEASED)
+    return release_orders_stock(conn, [order_no]).get(order_no, [])
 
 
 def deduct_stock(conn: Connection, order_no: str) -> list[StockMove]:
