@@ -442,4 +442,3 @@ def start(settings: Settings, queue: str, engine: Engine) -> Callable[[threading
         sampler.run(stop)
 
     return sample_database
-

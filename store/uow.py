@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, insert
+from psycopg2.extras import Json, execute_values
+from sqlalchemy import Connection, Table, delete, insert, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from domain.names import EVENTS_EXCHANGE, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TIMERS_EXCHANGE
@@ -197,22 +199,48 @@ class WriteBuffer:
             by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for row in rows:
                 by_columns.setdefault(tuple(sorted(row)), []).append(row)
-            for group in by_columns.values():
-                conn.execute(insert(table), group)
+            for columns, group in by_columns.items():
+                insert_rows(conn, table, columns, group)
+
+
+def insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """One multi-row INSERT of `rows` (all with exactly `columns`) on the connection's transaction.
+
+    psycopg2's execute_values builds the VALUES list in C; SQLAlchemy's executemany would compile
+    a statement for each new row count and run every value through its type processors in Python.
+    JSONB values are wrapped as SQLAlchemy would write them (None becomes JSON null).
+    """
+    json_columns = {name for name in columns if isinstance(table.c[name].type, JSONB)}
+    values = [tuple(Json(row[c]) if c in json_columns else row[c] for c in columns) for row in rows]
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        execute_values(
+            cursor,
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES %s",  # names from our own tables
+            values,
+            page_size=1000,
+        )
+    finally:
+        cursor.close()
+
+
+_CLAIM = text(
+    "INSERT INTO processed_messages (consumer, message_id, routing_key) "
+    "SELECT :consumer, m, k FROM unnest(CAST(:ids AS text[]), CAST(:keys AS text[])) AS v(m, k) "
+    "ON CONFLICT DO NOTHING RETURNING message_id"
+)
 
 
 def claim_all(conn: Connection, consumer: str, envelopes: list[Envelope]) -> set[str]:
-    """Insert the dedup rows of a window in one statement; returns the message ids newly claimed."""
+    """Insert the dedup rows of a window in one statement; returns the message ids newly claimed.
+
+    One statement text whatever the window's size, so it is compiled once.
+    """
     rows = {e.message_id: e.routing_key for e in envelopes if e.message_id}
     if not rows:
         return set()
-    claimed = conn.execute(
-        pg_insert(t.processed_messages)
-        .values([{"consumer": consumer, "message_id": m, "routing_key": k} for m, k in rows.items()])
-        .on_conflict_do_nothing()
-        .returning(t.processed_messages.c.message_id)
-    ).scalars()
-    return set(claimed)
+    claimed = conn.execute(_CLAIM, {"consumer": consumer, "ids": list(rows), "keys": list(rows.values())})
+    return set(claimed.scalars())
 
 
 def unclaim(conn: Connection, consumer: str, message_ids: list[str]) -> None:
