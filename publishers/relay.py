@@ -32,9 +32,16 @@ from settings import Settings
 
 log = logging.getLogger("relay")
 
+# Timers are published by one relay at a time (whichever holds this transaction-scoped advisory
+# lock), so they reach their delay queue in due order: a queue expires messages only at its head,
+# and a timer queued behind a later one would wait for it. Several relays publishing batches of
+# timers at once interleave them (a batch spans a few hundred ms of deadlines at full speed).
+TIMER_PUBLISHING_LOCK = 0x0DE1A7  # any constant the service uses for nothing else
 _CLAIM = text(
     "SELECT id, message_id, exchange, routing_key, correlation_id, body, headers FROM outbox "
-    "WHERE sent_at IS NULL AND (attempts = 0 OR :include_failed) ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+    "WHERE sent_at IS NULL AND (attempts = 0 OR :include_failed) "
+    "AND (exchange <> :timers OR pg_try_advisory_xact_lock(:timer_lock)) "
+    "ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
 )
 # Rows the broker refused are tried again this often, after the fresh ones, so they never block them.
 FAILED_RETRY_SECONDS = 10.0
@@ -165,7 +172,13 @@ class OutboxRelay:
         """Publish a batch of unsent rows, await all their confirms at once, mark them; returns rows sent."""
         with self.engine.begin() as conn:
             rows = conn.execute(
-                _CLAIM, {"n": self.settings.relay_batch, "include_failed": include_failed}
+                _CLAIM,
+                {
+                    "n": self.settings.relay_batch,
+                    "include_failed": include_failed,
+                    "timers": TIMERS_EXCHANGE,
+                    "timer_lock": TIMER_PUBLISHING_LOCK,
+                },
             ).all()
             if not rows:
                 return 0

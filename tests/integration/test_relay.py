@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -55,3 +56,57 @@ def test_relay_publishes_with_properties_and_keeps_unroutable_internal_rows() ->
             print(f"relayed {len(ids)} events in {elapsed:.2f}s")
         finally:
             events.stop()
+
+
+def test_timers_reach_their_delay_queue_in_due_order_with_several_relays() -> None:
+    """A delay queue expires messages only at its head: several relays must not interleave timers."""
+    from datetime import UTC, datetime, timedelta
+
+    import pika
+
+    from store.uow import timer_routing_key
+    from topology import delay_queue_name
+
+    timeout = timedelta(minutes=15)
+    count = 3000
+    with fresh_system(RELAY_BATCH="100", ORDER_PAYMENT_TIMEOUT="15m") as system:
+        # Given 3,000 unsent payment timers whose due times rise with their outbox ids
+        base = datetime.now(UTC) + timedelta(minutes=10)
+        system.db.query(
+            "INSERT INTO outbox (message_id, exchange, routing_key, body) "
+            "SELECT 't-' || i, 'order.timers', %s, json_build_object('kind', 'payment-timeout', "
+            "'ref', 'O' || i, 'due_at', to_char((%s::timestamptz + i * interval '1 millisecond') "
+            "AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')) "
+            "FROM generate_series(1, %s) AS i ORDER BY i",
+            timer_routing_key("payment-timeout", timeout),
+            base,
+            count,
+        )
+        # When three processes, each with its relay, start together
+        system.start("order.unrouted", wait=False)
+        others = [system.start_another("order.unrouted") for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 60
+            while system.db.scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL") > 0:
+                assert time.monotonic() < deadline, "the relays did not publish the timers"
+                time.sleep(0.2)
+        finally:
+            for proc in others:
+                proc.terminate()
+                proc.wait(timeout=30)
+        # Then the delay queue holds them in due order
+        conn = pika.BlockingConnection(pika.URLParameters(system.amqp_url))
+        try:
+            channel = conn.channel()
+            queue = delay_queue_name("payment-timeout", timeout)
+            dues = []
+            while True:
+                method, _props, body = channel.basic_get(queue, auto_ack=True)
+                if method is None:
+                    break
+                dues.append(datetime.fromisoformat(json.loads(body)["due_at"]))
+        finally:
+            conn.close()
+        assert len(dues) == count
+        out_of_order = sum(1 for a, b in zip(dues, dues[1:], strict=False) if b < a)
+        assert out_of_order == 0, f"{out_of_order} timers queued behind a later one"
