@@ -9,9 +9,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg2.extras import Json, execute_values
-from sqlalchemy import Connection, Table, delete, insert, text
+from sqlalchemy import Connection, Table, delete, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from domain.names import EVENTS_EXCHANGE, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TIMERS_EXCHANGE
 from settings import format_duration
@@ -79,7 +78,7 @@ class UnitOfWork:
         if self.buffer is not None:
             self.buffer.add(table, rows)
         else:
-            self.conn.execute(insert(table), rows)
+            insert_rows(self.conn, table, rows)
 
     def lock_stock(self, sku: str, quantity: int, preferred_warehouse: str) -> str:
         """Lock units of a SKU for an order line (now, or with the window's other locks before commit).
@@ -96,16 +95,7 @@ class UnitOfWork:
 
     def claim(self) -> bool:
         """Insert the dedup row; False when this consumer already applied this message id."""
-        stmt = (
-            pg_insert(t.processed_messages)
-            .values(
-                consumer=self.envelope.consumer,
-                message_id=self.envelope.message_id,
-                routing_key=self.envelope.routing_key,
-            )
-            .on_conflict_do_nothing()
-        )
-        return self.conn.execute(stmt).rowcount == 1
+        return self.envelope.message_id in claim_all(self.conn, self.envelope.consumer, [self.envelope])
 
     def emit(self, event: str, body: Mapping[str, Any]) -> None:
         """Announce an event on order.events (published after commit)."""
@@ -196,30 +186,29 @@ class WriteBuffer:
         )
         for name in names:
             table, rows = self.rows[name]
-            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-            for row in rows:
-                by_columns.setdefault(tuple(sorted(row)), []).append(row)
-            for columns, group in by_columns.items():
-                insert_rows(conn, table, columns, group)
+            insert_rows(conn, table, rows)
 
 
-def insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    """One multi-row INSERT of `rows` (all with exactly `columns`) on the connection's transaction.
+def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert `rows` on the connection's transaction: one multi-row INSERT per set of columns.
 
     psycopg2's execute_values builds the VALUES list in C; SQLAlchemy's executemany would compile
     a statement for each new row count and run every value through its type processors in Python.
     JSONB values are wrapped as SQLAlchemy would write them (None becomes JSON null).
     """
-    json_columns = {name for name in columns if isinstance(table.c[name].type, JSONB)}
-    values = [tuple(Json(row[c]) if c in json_columns else row[c] for c in columns) for row in rows]
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_columns.setdefault(tuple(sorted(row)), []).append(row)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        execute_values(
-            cursor,
-            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES %s",  # names from our own tables
-            values,
-            page_size=1000,
-        )
+        for columns, group in by_columns.items():
+            json_columns = {name for name in columns if isinstance(table.c[name].type, JSONB)}
+            execute_values(
+                cursor,
+                f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES %s",  # names from our own tables
+                [tuple(Json(row[c]) if c in json_columns else row[c] for c in columns) for row in group],
+                page_size=1000,
+            )
     finally:
         cursor.close()
 
