@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from psycopg2.extras import Json, execute_values
 from sqlalchemy import Connection, Table, delete, text
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -190,11 +192,13 @@ class WriteBuffer:
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert `rows` on the connection's transaction: one multi-row INSERT per set of columns.
+    """Insert `rows` on the connection's transaction: one COPY per set of columns.
 
-    psycopg2's execute_values builds the VALUES list in C; SQLAlchemy's executemany would compile
-    a statement for each new row count and run every value through its type processors in Python.
-    JSONB values are wrapped as SQLAlchemy would write them (None becomes JSON null).
+    COPY's text format costs PostgreSQL about half of what a multi-row INSERT of the same rows
+    does (no SQL literals to parse and cast), and it fires the same insert triggers (the outbox's
+    NOTIFY). SQLAlchemy's executemany would also compile a statement for each new row count and
+    run every value through its type processors in Python. JSONB values are serialized as
+    SQLAlchemy would write them (None becomes JSON null).
     """
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -202,15 +206,37 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         for columns, group in by_columns.items():
-            json_columns = {name for name in columns if isinstance(table.c[name].type, JSONB)}
-            execute_values(
-                cursor,
-                f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES %s",  # names from our own tables
-                [tuple(Json(row[c]) if c in json_columns else row[c] for c in columns) for row in group],
-                page_size=1000,
+            json_columns = [isinstance(table.c[name].type, JSONB) for name in columns]
+            lines = [
+                "\t".join(
+                    copy_text(row[name], is_json) for name, is_json in zip(columns, json_columns, strict=True)
+                )
+                for row in group
+            ]
+            # Names from our own tables, never from a message.
+            cursor.copy_expert(
+                f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", io.StringIO("\n".join(lines) + "\n")
             )
     finally:
         cursor.close()
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: Any, is_json: bool = False) -> str:
+    """One value in COPY's text format (NULL is \\N; backslash, tab and line breaks escaped)."""
+    if is_json:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_COPY_ESCAPES)
+    if value is None:
+        return "\\N"
+    if isinstance(value, str):
+        return value.translate(_COPY_ESCAPES)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bool | int | float | Decimal):
+        return str(value)
+    raise TypeError(f"no COPY text form for {type(value).__name__}")
 
 
 _CLAIM = text(
