@@ -6,8 +6,14 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support import EventListener, System, fresh_system
+
+# Property tests judge the code, not the machine: a slow or busy CI box must not fail them
+# on generation speed or per-example time.
+settings.register_profile("order-centre", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("order-centre")
 
 ALL_QUEUES = (
     "order.catalog",

@@ -180,8 +180,9 @@ def test_kill_relay_between_publish_and_marking_sent(faulty: tuple[System, Event
         "FROM unnest(%s::text[]) AS id",
         ids,
     )
-    # When a relay starts and is killed -9 in the middle of publishing
-    system.start("order.unrouted")
+    # When a relay starts and is killed -9 in the middle of publishing (small batches, so that it
+    # is still publishing when the first batch is seen marked, however fast the machine)
+    system.start("order.unrouted", env={"RELAY_BATCH": "50"})
     deadline = time.monotonic() + 30
     while system.db.scalar("SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL") == 0:
         assert time.monotonic() < deadline
