@@ -8,6 +8,7 @@ process, served with the process and GC collectors by a WSGI server on a daemon 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -229,11 +230,17 @@ def _is_database_error(exc: BaseException) -> bool:
 def relay_batch(rows: Iterable[Any], sent: Iterable[int], failed: Iterable[int]) -> None:
     """Count the outbox rows of a committed relay batch by exchange and routing key."""
     sent_ids, failed_ids = set(sent), set(failed)
+    published: collections.Counter[tuple[str, str]] = collections.Counter()
+    refused: collections.Counter[tuple[str, str]] = collections.Counter()
     for row in rows:
         if row.id in sent_ids:
-            RELAY_PUBLISHED.labels(row.exchange, row.routing_key).inc()
+            published[(row.exchange, row.routing_key)] += 1
         elif row.id in failed_ids:
-            RELAY_FAILED.labels(row.exchange, row.routing_key).inc()
+            refused[(row.exchange, row.routing_key)] += 1
+    for (exchange, key), count in published.items():
+        RELAY_PUBLISHED.labels(exchange, key).inc(count)
+    for (exchange, key), count in refused.items():
+        RELAY_FAILED.labels(exchange, key).inc(count)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -11,12 +12,14 @@ NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
 
 def row(exchange: str, routing_key: str, body: dict) -> SimpleNamespace:
+    """An outbox row as the relay claims it: the body as stored text, its due_at alongside."""
     return SimpleNamespace(
         message_id="m-1",
         correlation_id="c-1",
         routing_key=routing_key,
         exchange=exchange,
-        body=body,
+        body=json.dumps(body),
+        due_at=body.get("due_at"),
         headers={"x-schema-version": 1},
     )
 
@@ -51,9 +54,9 @@ def test_an_overdue_timer_expires_at_once() -> None:
 
 def test_timers_go_out_by_due_time_and_events_in_outbox_order() -> None:
     rows = [
-        SimpleNamespace(id=1, exchange="order.timers", body={"due_at": "2026-11-26T12:00:05+00:00"}),
-        SimpleNamespace(id=2, exchange="order.events", body={}),
-        SimpleNamespace(id=3, exchange="order.timers", body={"due_at": "2026-11-26T12:00:01+00:00"}),
-        SimpleNamespace(id=4, exchange="order.events", body={}),
+        SimpleNamespace(id=1, exchange="order.timers", due_at="2026-11-26T12:00:05+00:00"),
+        SimpleNamespace(id=2, exchange="order.events", due_at=None),
+        SimpleNamespace(id=3, exchange="order.timers", due_at="2026-11-26T12:00:01+00:00"),
+        SimpleNamespace(id=4, exchange="order.events", due_at=None),
     ]
     assert [r.id for r in publishing_order(rows)] == [2, 4, 3, 1]
