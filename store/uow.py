@@ -221,17 +221,20 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
         cursor.close()
 
 
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+def _escape(text: str) -> str:
+    # str.replace returns the string itself when there is nothing to replace (the usual case),
+    # far cheaper than str.translate, which maps every character through a dict.
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def copy_text(value: Any, is_json: bool = False) -> str:
     """One value in COPY's text format (NULL is \\N; backslash, tab and line breaks escaped)."""
     if is_json:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_COPY_ESCAPES)
+        return _escape(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
     if value is None:
         return "\\N"
     if isinstance(value, str):
-        return value.translate(_COPY_ESCAPES)
+        return _escape(value)
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, bool | int | float | Decimal):
