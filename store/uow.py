@@ -206,13 +206,12 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         for columns, group in by_columns.items():
-            json_columns = [isinstance(table.c[name].type, JSONB) for name in columns]
-            lines = [
-                "\t".join(
-                    copy_text(row[name], is_json) for name, is_json in zip(columns, json_columns, strict=True)
-                )
-                for row in group
-            ]
+            # Column by column: one converter per column, mapped over its values.
+            texts = []
+            for name in columns:
+                convert = json_text if isinstance(table.c[name].type, JSONB) else copy_text
+                texts.append(list(map(convert, [row[name] for row in group])))
+            lines = map("\t".join, zip(*texts, strict=True))
             # Names from our own tables, never from a message.
             cursor.copy_expert(
                 f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", io.StringIO("\n".join(lines) + "\n")
@@ -227,10 +226,13 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def copy_text(value: Any, is_json: bool = False) -> str:
+def json_text(value: Any) -> str:
+    """A JSONB value in COPY's text format (None is JSON null, as SQLAlchemy writes it)."""
+    return _escape(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def copy_text(value: Any) -> str:
     """One value in COPY's text format (NULL is \\N; backslash, tab and line breaks escaped)."""
-    if is_json:
-        return _escape(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
     if value is None:
         return "\\N"
     if isinstance(value, str):

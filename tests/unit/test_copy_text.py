@@ -8,12 +8,12 @@ from decimal import Decimal
 import pytest
 
 from domain.status import OrderStatus
-from store.uow import copy_text
+from store.uow import copy_text, json_text
 
 
 def test_null_is_backslash_n_and_json_null_is_a_json_value() -> None:
     assert copy_text(None) == "\\N"
-    assert copy_text(None, is_json=True) == "null"
+    assert json_text(None) == "null"
 
 
 def test_backslash_tab_and_line_breaks_are_escaped() -> None:
@@ -21,7 +21,7 @@ def test_backslash_tab_and_line_breaks_are_escaped() -> None:
 
 
 def test_json_is_compact_keeps_unicode_and_escapes_its_own_backslashes() -> None:
-    assert copy_text({"name": "上海\n", "n": 1}, is_json=True) == '{"name":"上海\\\\n","n":1}'
+    assert json_text({"name": "上海\n", "n": 1}) == '{"name":"上海\\\\n","n":1}'
 
 
 def test_scalars() -> None:
