@@ -412,12 +412,13 @@ def test_report_runs(system: System, events: EventListener) -> None:
     send_order(system, user, sku, 1)
     events.one("order.created", user_id=user)
     data = orders_json(system, "report", "--since", "2000-01-01")
-    pending = next(r for r in data["orders"]["parents"] if r["status"] == "PENDING_PAYMENT")
-    assert pending["orders"] >= 1
+    by_status = {r["status"]: r["orders"] for r in data["orders"]["parents"]}
+    # The order is unpaid, or already cancelled by its 2 s payment timeout on a slow machine
+    assert by_status.get("PENDING_PAYMENT", 0) + by_status.get("CANCELLED", 0) >= 1
     rows = list(csv.reader(io.StringIO(system.orders("report", "--since", "2000-01-01", "--csv").stdout)))
     assert rows[0] == ["section", "key", "metric", "value"]
-    assert ["orders.parents", "PENDING_PAYMENT", "orders", str(pending["orders"])] in rows or any(
-        r[:3] == ["orders.parents", "PENDING_PAYMENT", "orders"] for r in rows
-    )
+    # The CSV holds the same parents (a timeout between the two reports only moves one between statuses)
+    csv_orders = [int(r[3]) for r in rows if r[0] == "orders.parents" and r[2] == "orders"]
+    assert sum(csv_orders) == sum(by_status.values())
     assert "Reconciliation" in system.orders("report", "--since", "2000-01-01").stdout
     assert system.orders("report", "--since", "yesterday", check=False).returncode == 2
