@@ -42,15 +42,21 @@ def consume(queue: str, settings: Settings) -> int:
     import metrics
     from consumers.loop import ConsumerProcess
     from consumers.registry import consumer_specs
-    from publishers.relay import OutboxRelay
+    from publishers.relay import OutboxRelay, relayed_writer
     from store.db import make_engine
     from topology import declarer
 
     spec = consumer_specs(settings)[queue]
-    engine = make_engine(settings.database_url)
     background: list[Callable[[threading.Event], None]] = []
     if settings.relay_enabled:
-        background.append(OutboxRelay(make_engine(settings.database_url, pool_size=1), settings).run)
+        # This process's relay publishes what its consumer writes; other relays leave its small
+        # commits to it (the outbox NOTIFY names the writer).
+        writer = relayed_writer(os.getpid())
+        engine = make_engine(settings.database_url, application_name=writer)
+        relay = OutboxRelay(make_engine(settings.database_url, pool_size=1), settings, own_writer=writer)
+        background.append(relay.run)
+    else:
+        engine = make_engine(settings.database_url)
     if spec.periodic is not None:
         background.append(_periodic(spec.periodic, settings, engine))
     if settings.metrics_port is not None:  # /metrics and /healthz, plus the database gauges' sampler

@@ -45,6 +45,33 @@ _CLAIM = text(
     "AND (exchange <> :timers OR pg_try_advisory_xact_lock(:timer_lock)) "
     "ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
 )
+# A relay wakes for another process's commit only when it inserted at least this many rows:
+# a burst worth sharing. Smaller ones are left to the writer's own relay (see `wakes`).
+HELP_THRESHOLD = 50
+RELAYED_WRITER_PREFIX = "order-centre relayed "
+
+
+def relayed_writer(pid: int) -> str:
+    """The application_name of a consumer process whose own relay publishes what it writes."""
+    return f"{RELAYED_WRITER_PREFIX}{pid}"
+
+
+def wakes(payload: str, own_writer: str | None) -> bool:
+    """Whether an outbox NOTIFY (payload `<application_name> <rows>`) is this relay's to act on.
+
+    Its own process's inserts, bursts of HELP_THRESHOLD rows or more, and inserts by writers
+    without a relay of their own (the CLI, another tool, an older trigger's empty payload) wake
+    it; another relayed process's small insert does not, so a commit wakes one relay instead
+    of every consumer process's. The poll is the backstop either way.
+    """
+    writer, _, rows = payload.rpartition(" ")
+    if own_writer is None or writer == own_writer:
+        return True
+    if not writer.startswith(RELAYED_WRITER_PREFIX) or not rows.isdigit():
+        return True
+    return int(rows) >= HELP_THRESHOLD
+
+
 # Rows the broker refused are tried again this often, after the fresh ones, so they never block them.
 FAILED_RETRY_SECONDS = 10.0
 CONFIRM_TIMEOUT_SECONDS = 30.0
@@ -156,10 +183,14 @@ class ConfirmedPublisher:
 class OutboxRelay:
     """Moves outbox rows to the broker; woken by NOTIFY on insert, with a poll as a backstop."""
 
-    def __init__(self, engine: Engine, settings: Settings, poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, poll_seconds: float = 1.0, own_writer: str | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.poll_seconds = poll_seconds
+        # The application_name its own process's consumer writes under (None: every NOTIFY wakes it).
+        self.own_writer = own_writer
         self.name = f"relay@{socket.gethostname()}:{os.getpid()}"
 
     def publish_batch(self, publisher: ConfirmedPublisher, include_failed: bool = False) -> int:
@@ -247,6 +278,22 @@ class OutboxRelay:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 
+    def _wait_for_work(self, listener: psycopg2.extensions.connection, stop: threading.Event) -> None:
+        """Until a NOTIFY that is this relay's to act on (see `wakes`), or the poll interval."""
+        deadline = time.monotonic() + self.poll_seconds
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([listener], [], [], left)
+            if not ready:
+                return
+            listener.poll()
+            payloads = [notify.payload for notify in listener.notifies]
+            listener.notifies.clear()
+            if any(wakes(payload, self.own_writer) for payload in payloads):
+                return
+
     def _run_connected(self, stop: threading.Event) -> None:
         connection = pika.BlockingConnection(connection_parameters(self.settings, self.name))
         listener = self._listener()
@@ -261,10 +308,7 @@ class OutboxRelay:
                 count = self.publish_batch(publisher, include_failed)
                 if count >= self.settings.relay_batch:
                     continue  # more is waiting
-                ready, _, _ = select.select([listener], [], [], self.poll_seconds)
-                if ready:
-                    listener.poll()
-                    listener.notifies.clear()
+                self._wait_for_work(listener, stop)
                 connection.process_data_events(time_limit=0)  # heartbeats
             self.drain(publisher, time.monotonic() + 10)
         finally:

@@ -6,8 +6,12 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 
-def make_engine(database_url: str, pool_size: int = 2) -> Engine:
+def make_engine(database_url: str, pool_size: int = 2, application_name: str = "order-centre") -> Engine:
     """An engine for a consumer process.
+
+    `application_name` shows in pg_stat_activity, and the outbox trigger puts it in its NOTIFY
+    payload: a consumer process whose own relay publishes its rows says so by its name
+    (publishers.relay.relayed_writer).
 
     No ping before each use: that is a round trip per transaction, and a connection lost to a
     database restart fails its transaction with a transient error, which is retried on a new one.
@@ -18,7 +22,7 @@ def make_engine(database_url: str, pool_size: int = 2) -> Engine:
         max_overflow=2,
         pool_pre_ping=False,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "application_name": "order-centre"},
+        connect_args={"connect_timeout": 5, "application_name": application_name},
     )
 
 

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from publishers.relay import properties_for, publishing_order
+from publishers.relay import HELP_THRESHOLD, properties_for, publishing_order, relayed_writer, wakes
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
@@ -60,3 +60,22 @@ def test_timers_go_out_by_due_time_and_events_in_outbox_order() -> None:
         SimpleNamespace(id=4, exchange="order.events", due_at=None),
     ]
     assert [r.id for r in publishing_order(rows)] == [2, 4, 3, 1]
+
+
+def test_a_relay_wakes_for_its_own_writer_and_for_bursts_of_others() -> None:
+    me, other = relayed_writer(100), relayed_writer(200)
+    # Its own process's commits, however small
+    assert wakes(f"{me} 1", me)
+    # Another relayed process's small commit is left to that process's relay
+    assert not wakes(f"{other} 1", me)
+    assert not wakes(f"{other} {HELP_THRESHOLD - 1}", me)
+    # A burst is shared
+    assert wakes(f"{other} {HELP_THRESHOLD}", me)
+
+
+def test_writers_without_a_relay_of_their_own_wake_every_relay() -> None:
+    me = relayed_writer(100)
+    assert wakes("order-centre 1", me)  # the CLI
+    assert wakes("psql 1", me)
+    assert wakes("", me)  # the first migration's trigger sent an empty payload
+    assert wakes(f"{relayed_writer(200)} 1", None)  # a relay that knows no writer of its own
