@@ -80,6 +80,14 @@ def machine() -> dict[str, Any]:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if commit and dirty:
+            commit += " plus uncommitted changes"
     except OSError:
         commit = ""
     return {
@@ -99,8 +107,7 @@ def machine() -> dict[str, Any]:
 def summary_md(ctx: c.Context, info: dict[str, Any], ran: list[str], failed: dict[str, str]) -> str:
     """The measured tables as Markdown, for bench/RESULTS.md."""
     lines = [
-        f"Run: {'quick (--quick)' if ctx.quick else 'full'}; {info['date']}; commit {info['commit']} "
-        "(plus uncommitted work in the tree)",
+        f"Run: {'quick (--quick)' if ctx.quick else 'full'}; {info['date']}; commit {info['commit']}",
         f"Machine: {info['nproc']} cores ({info['cpu']}), {info['memory_gib']} GiB, kernel {info['kernel']}, "
         f"Python {info['python']}, RabbitMQ {info['rabbitmq']}, PostgreSQL {info['postgresql']}; "
         f"load average at start {info['load_average_at_start']:.2f}",
