@@ -9,6 +9,7 @@ periodic job (the backstop sweeper for the timeouts queue).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -61,6 +62,10 @@ def consume(queue: str, settings: Settings) -> int:
         background.append(_periodic(spec.periodic, settings, engine))
     if settings.metrics_port is not None:  # /metrics and /healthz, plus the database gauges' sampler
         background.append(metrics.start(settings, queue, make_engine(settings.database_url, pool_size=1)))
+    # Everything imported and built so far lives as long as the process: keep it out of the
+    # garbage collector's full collections, which otherwise walk it all (about 75 ms a pass on a
+    # slow 2-core box, a stall for every message in hand; about 1 ms once frozen).
+    gc.freeze()
     return ConsumerProcess(spec, settings, engine, declarer(settings), background).run()
 
 
