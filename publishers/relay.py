@@ -45,6 +45,7 @@ _CLAIM = text(
     "AND (exchange <> :timers OR pg_try_advisory_xact_lock(:timer_lock)) "
     "ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
 )
+_NO_BITMAP_SCAN = text("SET LOCAL enable_bitmapscan = off")
 # A relay wakes for another process's commit only when it inserted at least this many rows:
 # a burst worth sharing. Smaller ones are left to the writer's own relay (see `wakes`).
 HELP_THRESHOLD = 50
@@ -196,6 +197,11 @@ class OutboxRelay:
     def publish_batch(self, publisher: ConfirmedPublisher, include_failed: bool = False) -> int:
         """Publish a batch of unsent rows, await all their confirms at once, mark them; returns rows sent."""
         with self.engine.begin() as conn:
+            # A bitmap scan of ix_outbox_unsent visits every entry left by rows already marked
+            # sent (until VACUUM), so each claim costs more as the outbox grows (1 -> 17 ms over a
+            # 60 s probe). A plain index scan marks those entries dead as it passes them, and the
+            # next claims skip them (0.17 ms against 2.2 ms with 20,000 sent rows).
+            conn.execute(_NO_BITMAP_SCAN)
             rows = conn.execute(
                 _CLAIM,
                 {
