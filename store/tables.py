@@ -116,7 +116,8 @@ orders = Table(
     _ts("cancelled_at"),
     _ts("closed_at"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
-    Index("ix_orders_parent", "parent_no"),
+    # Children by parent; parents (NULL) are never looked up through it (migration 0004).
+    Index("ix_orders_children", "parent_no", postgresql_where=text("parent_no IS NOT NULL")),
     Index(
         "uq_orders_user_request",
         "user_id",
