@@ -6,6 +6,9 @@ import json
 import time
 import uuid
 
+import psycopg2
+import psycopg2.extensions
+
 from tests.support import EventListener, fresh_system
 
 
@@ -110,3 +113,38 @@ def test_timers_reach_their_delay_queue_in_due_order_with_several_relays() -> No
         assert len(dues) == count
         out_of_order = sum(1 for a, b in zip(dues, dues[1:], strict=False) if b < a)
         assert out_of_order == 0, f"{out_of_order} timers queued behind a later one"
+
+
+def test_the_outbox_notify_names_its_writer_and_row_count(system) -> None:  # type: ignore[no-untyped-def]
+    # Given a session listening on the outbox channel, and a writer named as a relayed process
+    from publishers.relay import relayed_writer, wakes
+
+    dsn = system.env["DATABASE_URL"].replace("postgresql+psycopg2://", "postgresql://")
+    listener = psycopg2.connect(dsn)
+    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    writer_name = relayed_writer(424242)
+    writer = psycopg2.connect(dsn, application_name=writer_name)
+    try:
+        with listener.cursor() as cur:
+            cur.execute("LISTEN outbox")
+        # When it inserts three rows in one statement (marked sent, so no relay publishes them)
+        with writer, writer.cursor() as cur:
+            cur.execute(
+                "INSERT INTO outbox (message_id, exchange, routing_key, body, sent_at) "
+                "SELECT gen_random_uuid()::text, 'order.events', 'test.notify', '{}', now() "
+                "FROM generate_series(1, 3)"
+            )
+        # Then the payload names it and the count, as the relays read it
+        deadline = time.monotonic() + 10
+        payloads: list[str] = []
+        while writer_name + " 3" not in payloads and time.monotonic() < deadline:
+            listener.poll()
+            payloads += [n.payload for n in listener.notifies]
+            listener.notifies.clear()
+            time.sleep(0.05)
+        assert writer_name + " 3" in payloads
+        assert wakes(writer_name + " 3", writer_name)
+        assert not wakes(writer_name + " 3", relayed_writer(1))
+    finally:
+        writer.close()
+        listener.close()
