@@ -529,7 +529,7 @@ class Sampler:
 
 
 def pg_dsn(system: System) -> str:
-    return system.env["DATABASE_URL"].replace("postgresql+psycopg2://", "postgresql://")
+    return system.db.dsn
 
 
 @contextmanager

@@ -136,7 +136,7 @@ def latency(seconds: int = 20, rate: int = 200) -> dict[str, Any]:
                     (got[m] - t).total_seconds() * 1000
                 )
         result["by_10s_p50_p99_ms"] = [
-            [summary(values)["p50_ms"], summary(values)["p99_ms"]] for _, values in sorted(buckets.items())
+            [s["p50_ms"], s["p99_ms"]] for s in (summary(values) for _, values in sorted(buckets.items()))
         ]
         return result
 

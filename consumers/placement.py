@@ -53,19 +53,18 @@ class WindowPlacementReads(PlacementReads):
         self, conn: Connection, commands: list[OrderPlace], window_stock: WindowStockLocks | None
     ) -> None:
         super().__init__(conn)
-        pairs = sorted({(c.user_id, c.request_id) for c in commands})
+        wanted = {(c.user_id, c.request_id) for c in commands}
         skus = sorted({line.sku for c in commands for line in c.items})
         # Both columns as index conditions (IN is `= ANY`), the pairs picked out here: a row-value IN
         # list is only an OR filter to the planner, and before a new database's first ANALYZE it
         # scanned every parent order with it instead of looking the pairs up.
-        wanted = set(pairs)
         self.existing: dict[tuple[str, str], str] = {
             (r.user_id, r.request_id): r.order_no
             for r in conn.execute(
                 select(t.orders.c.user_id, t.orders.c.request_id, t.orders.c.order_no).where(
                     t.orders.c.parent_no.is_(None),
-                    t.orders.c.user_id.in_(sorted({u for u, _ in pairs})),
-                    t.orders.c.request_id.in_(sorted({r for _, r in pairs})),
+                    t.orders.c.user_id.in_(sorted({u for u, _ in wanted})),
+                    t.orders.c.request_id.in_(sorted({r for _, r in wanted})),
                 )
             )
             if (r.user_id, r.request_id) in wanted

@@ -119,11 +119,10 @@ def test_the_outbox_notify_names_its_writer_and_row_count(system) -> None:  # ty
     # Given a session listening on the outbox channel, and a writer named as a relayed process
     from publishers.relay import relayed_writer, wakes
 
-    dsn = system.env["DATABASE_URL"].replace("postgresql+psycopg2://", "postgresql://")
-    listener = psycopg2.connect(dsn)
+    listener = psycopg2.connect(system.db.dsn)
     listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
     writer_name = relayed_writer(424242)
-    writer = psycopg2.connect(dsn, application_name=writer_name)
+    writer = psycopg2.connect(system.db.dsn, application_name=writer_name)
     try:
         with listener.cursor() as cur:
             cur.execute("LISTEN outbox")
