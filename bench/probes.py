@@ -3,6 +3,8 @@
     python -m bench.probes latency [SECONDS]    # 200 orders/s, publish -> order.created
     python -m bench.probes timers [ORDERS]      # a burst left unpaid (5 s), deadline -> order.cancelled
     python -m bench.probes timers-fast [ORDERS] # the same burst published with confirms outstanding
+    python -m bench.probes timers-stages [ORDERS]        # the burst's lateness split by stage
+    python -m bench.probes timers-fast-stages [ORDERS]   # the same, published at full speed
 
 One publisher thread (kombu, a confirm per command) and one pika consumer thread that only
 timestamps the event it waits for; the service runs as catalog + 2 placement processes
@@ -19,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,8 +63,13 @@ def service(*queues: str, **env: str) -> Iterator[System]:
 
 
 @contextmanager
-def receipts(system: System, key: str, ident: Callable[[pika.BasicProperties, bytes], str]) -> Iterator[dict]:
-    """Receipt times of one event, by `ident`, taken in a thread that does nothing else."""
+def receipts(
+    system: System,
+    key: str,
+    ident: Callable[[pika.BasicProperties, bytes], str],
+    exchange: str = "order.events",
+) -> Iterator[dict]:
+    """Receipt times of one message kind, by `ident`, taken in a thread that does nothing else."""
     got: dict[str, datetime] = {}
     ready, stop = threading.Event(), threading.Event()
 
@@ -70,7 +77,7 @@ def receipts(system: System, key: str, ident: Callable[[pika.BasicProperties, by
         conn = pika.BlockingConnection(pika.URLParameters(system.amqp_url))
         ch = conn.channel()
         queue = ch.queue_declare("", exclusive=True).method.queue
-        ch.queue_bind(queue, "order.events", key)
+        ch.queue_bind(queue, exchange, key)
         ch.basic_consume(
             queue, lambda _c, _m, p, b: got.__setitem__(ident(p, b), datetime.now(UTC)), auto_ack=True
         )
@@ -141,13 +148,25 @@ def latency(seconds: int = 20, rate: int = 200) -> dict[str, Any]:
         return result
 
 
-def timers(count: int = 5000, fast: bool = False) -> dict[str, Any]:
+def timers(count: int = 5000, fast: bool = False, stages: bool = False) -> dict[str, Any]:
     """Unpaid orders' lateness; `fast` publishes the burst with 1,000 confirms outstanding (as the
-    bench harness does), so their deadlines fall as fast as the service can place them."""
+    bench harness does), so their deadlines fall as fast as the service can place them.
+
+    `stages` also splits each order's lateness where the service leaves a timestamp:
+      broker: deadline -> the timer dead-lettered (a listener bound to the fired-timers exchange)
+      queued: dead-lettered -> the timeouts consumer's window starts (orders.cancelled_at)
+      window: window start -> the relay's claim of the event (outbox.sent_at, the claim's now())
+      relay:  the claim -> order.cancelled received (publish, confirm, delivery)
+    """
     rng = random.Random(2)
     with (
         service("order.timeouts", ORDER_PAYMENT_TIMEOUT="5s", SWEEPER_GRACE="60s") as system,
         receipts(system, "order.cancelled", lambda _props, body: json.loads(body)["order_no"]) as got,
+        (
+            receipts(system, "timer.#", lambda _p, body: json.loads(body)["ref"], "order.timers.fired")
+            if stages
+            else nullcontext({})
+        ) as fired,
     ):
         if fast:
             from bench.common import commands, publish_async
@@ -163,14 +182,32 @@ def timers(count: int = 5000, fast: bool = False) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         while len(got) < count and time.monotonic() < deadline:
             time.sleep(0.5)
-        rows = system.db.query("SELECT order_no, pay_deadline FROM orders WHERE parent_no IS NULL")
-        return summary(
-            [
-                (got[r["order_no"]] - r["pay_deadline"]).total_seconds() * 1000
-                for r in rows
-                if r["order_no"] in got
-            ]
+        rows = [
+            r
+            for r in system.db.query(
+                "SELECT o.order_no, o.placed_at, o.pay_deadline, o.cancelled_at, x.sent_at AS event_sent_at "
+                "FROM orders o LEFT JOIN outbox x ON x.routing_key = 'order.cancelled' "
+                "AND x.body->>'order_no' = o.order_no WHERE o.parent_no IS NULL"
+            )
+            if r["order_no"] in got
+        ]
+        result = summary([(got[r["order_no"]] - r["pay_deadline"]).total_seconds() * 1000 for r in rows])
+        result["placed_in_s"] = round(
+            (max(r["placed_at"] for r in rows) - min(r["placed_at"] for r in rows)).total_seconds(), 2
         )
+        if stages:
+            split = [r for r in rows if r["order_no"] in fired and r["event_sent_at"] is not None]
+            marks = [
+                ("broker", lambda r: r["pay_deadline"], lambda r: fired[r["order_no"]]),
+                ("queued", lambda r: fired[r["order_no"]], lambda r: r["cancelled_at"]),
+                ("window", lambda r: r["cancelled_at"], lambda r: r["event_sent_at"]),
+                ("relay", lambda r: r["event_sent_at"], lambda r: got[r["order_no"]]),
+            ]
+            result["stages"] = {
+                name: summary([(end(r) - start(r)).total_seconds() * 1000 for r in split])
+                for name, start, end in marks
+            }
+        return result
 
 
 if __name__ == "__main__":
@@ -180,5 +217,7 @@ if __name__ == "__main__":
         "latency": latency,
         "timers": timers,
         "timers-fast": lambda *a: timers(*a, fast=True),
+        "timers-stages": lambda *a: timers(*a, stages=True),
+        "timers-fast-stages": lambda *a: timers(*a, fast=True, stages=True),
     }
     print(json.dumps({which: probes[which](*arg)}))
