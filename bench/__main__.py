@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench import common as c
+from tests.support import clean_up_on_sigterm
 
 SCENARIOS = {
     "1": "raw",
@@ -220,4 +221,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    clean_up_on_sigterm()
     sys.exit(main())

@@ -27,7 +27,7 @@ from typing import Any
 
 import pika
 
-from tests.support import EventListener, System, fresh_system
+from tests.support import EventListener, System, clean_up_on_sigterm, fresh_system
 
 SKUS = [f"probe-{i}" for i in range(200)]
 
@@ -211,6 +211,7 @@ def timers(count: int = 5000, fast: bool = False, stages: bool = False) -> dict[
 
 
 if __name__ == "__main__":
+    clean_up_on_sigterm()
     which = sys.argv[1] if len(sys.argv) > 1 else "latency"
     arg = [int(sys.argv[2])] if len(sys.argv) > 2 else []
     probes: dict[str, Callable[..., dict[str, Any]]] = {
