@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     auto_confirm_receipt_after: Duration = timedelta(days=10)
     payment_webhook_secret: SecretStr = SecretStr("dev-secret-change-me")
     prefetch: int = Field(default=100, ge=1, le=10_000)
+    # Timers leave their delay queue this long before they are due and wait in the timeouts
+    # consumer until then, so the broker's dead-lettering and the queue in front of the consumer
+    # are not added to a deadline. A timer is never applied before it is due. 0 turns it off.
+    timer_lead_ms: int = Field(default=300, ge=0, le=60_000)
+    # The timeouts consumer's prefetch: enough to hold the timers of the lead at a burst's rate.
+    timer_prefetch: int = Field(default=1000, ge=1, le=65_535)
     # How long after a deadline the backstop sweeper steps in for a timer the broker lost.
     sweeper_grace: Duration = timedelta(seconds=30)
     sweeper_interval: Duration = timedelta(seconds=10)
@@ -67,6 +73,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
+
+    @property
+    def timer_lead(self) -> timedelta:
+        return timedelta(milliseconds=self.timer_lead_ms)
 
     @property
     def retry_steps(self) -> list[timedelta]:

@@ -70,6 +70,11 @@ class ConsumerSpec:
     routes: Mapping[str, Route]
     bindings: tuple[tuple[str, str], ...]
     periodic: Callable[[Engine, Settings], None] | None = None
+    # When a delivery may be applied (None: at once). A delivery that is not due yet waits in
+    # the consumer's buffer, unacked, and so do the ones behind it (see `due_prefix`).
+    due_at: Callable[[Delivery], datetime | None] | None = None
+    # This queue's prefetch instead of the PREFETCH setting (windows stay PREFETCH at most).
+    prefetch: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +91,7 @@ class Delivery:
     properties: pika.BasicProperties
     body: bytes
     redelivered: bool = False
+    due: datetime | None = None  # not to be applied before this (ConsumerSpec.due_at)
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -129,6 +135,25 @@ def make_delivery(method: Any, properties: pika.BasicProperties, body: bytes) ->
         body=body,
         redelivered=bool(method.redelivered),
     )
+
+
+def due_prefix(buffer: Sequence[Delivery], now: datetime, limit: int) -> tuple[int, float | None]:
+    """How many deliveries at the head of `buffer` are due (at most `limit`), and, when none
+    is, the seconds until the first one will be.
+
+    Only a prefix is taken, so that one `basic_ack(multiple=True)` settles exactly the window;
+    timers arrive in due order, so a delivery not yet due rarely has due ones behind it, and
+    those wait at most until it is due.
+    """
+    count = 0
+    for delivery in buffer:
+        if count == limit or (delivery.due is not None and delivery.due > now):
+            break
+        count += 1
+    if count or not buffer:
+        return count, None
+    head_due = buffer[0].due
+    return 0, None if head_due is None else (head_due - now).total_seconds()
 
 
 def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
@@ -683,18 +708,23 @@ class ConsumerProcess:
         try:
             channel = connection.channel()
             self.declare_topology(channel)
-            channel.basic_qos(prefetch_count=self.settings.prefetch)
+            prefetch = self.spec.prefetch or self.settings.prefetch
+            channel.basic_qos(prefetch_count=prefetch)
             publisher = connection.channel()
             publisher.confirm_delivery()
             buffer: list[Delivery] = []
+            due_at = self.spec.due_at
 
             def on_message(
                 _ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes
             ) -> None:
-                buffer.append(make_delivery(method, props, body))
+                delivery = make_delivery(method, props, body)
+                if due_at is not None:
+                    delivery.due = due_at(delivery)
+                buffer.append(delivery)
 
             tag = channel.basic_consume(self.spec.queue, on_message, consumer_tag=self.name)
-            log.info("consuming", extra={"prefetch": self.settings.prefetch})
+            log.info("consuming", extra={"prefetch": prefetch})
             metrics.consumer_connected(self.spec.queue, True)
             applier = WindowApplier(
                 self.engine,
@@ -703,14 +733,21 @@ class ConsumerProcess:
                 retry_seconds=self.settings.transient_retry_seconds,
                 sleep=connection.sleep,
             )
+            wait = 0.5
             while not self.stop_event.is_set():
-                connection.process_data_events(time_limit=0.5)
-                if buffer:
-                    window, buffer[:] = list(buffer), []
+                connection.process_data_events(time_limit=wait)
+                ready, wait_s = due_prefix(buffer, datetime.now(UTC), self.settings.prefetch)
+                if ready:
+                    window, buffer[:] = buffer[:ready], buffer[ready:]
                     self._handle_window(applier, window, channel, publisher)
+                    wait = 0.0 if buffer else 0.5  # more may be due already
+                else:
+                    wait = 0.5 if wait_s is None else min(0.5, max(0.001, wait_s))
             channel.basic_cancel(tag)
-            if buffer:
-                self._handle_window(applier, list(buffer), channel, publisher)
+            # What is due is applied; deliveries not due yet go back to the queue unacked.
+            while (ready := due_prefix(buffer, datetime.now(UTC), self.settings.prefetch)[0]) > 0:
+                window, buffer[:] = buffer[:ready], buffer[ready:]
+                self._handle_window(applier, window, channel, publisher)
         finally:
             metrics.consumer_connected(self.spec.queue, False)
             if connection.is_open:

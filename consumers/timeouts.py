@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -9,7 +10,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, Engine
 
 from consumers import aftersale, fulfillment, payment
-from consumers.loop import ConsumerSpec, Route
+from consumers.loop import ConsumerSpec, Delivery, Route
 from consumers.schemas import TimerFired
 from consumers.timers import TimerKind
 from domain.errors import Refusal
@@ -69,9 +70,29 @@ def sweeper(kinds: list[TimerKind]) -> Callable[[Engine, Settings], None]:
     return sweep
 
 
+def due_at(delivery: Delivery) -> datetime | None:
+    """A fired timer's due time, from its body; None (apply at once) for anything unreadable,
+    which validation then parks. Timers leave their delay queue TIMER_LEAD_MS early."""
+    try:
+        value = json.loads(delivery.body).get("due_at")
+        due = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except (ValueError, AttributeError):
+        return None
+    if due is not None and due.tzinfo is None:
+        due = due.replace(tzinfo=UTC)
+    return due
+
+
 def spec(settings: Settings) -> ConsumerSpec:
     kinds = timer_kinds(settings)
     routes = {Timer.fired_key(k.kind): _fire(k) for k in kinds}
     # Bind every timer kind, even one with no handler yet, so fired timers are never unroutable.
     bindings = ((TIMERS_FIRED_EXCHANGE, "timer.#"),)
-    return ConsumerSpec(TIMEOUTS_QUEUE, routes, bindings, periodic=sweeper(kinds))
+    return ConsumerSpec(
+        TIMEOUTS_QUEUE,
+        routes,
+        bindings,
+        periodic=sweeper(kinds),
+        due_at=due_at,
+        prefetch=settings.timer_prefetch,
+    )

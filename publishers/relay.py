@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pika
@@ -80,18 +80,21 @@ _MARK_SENT = text("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WH
 _MARK_FAILED = text("UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = ANY(:ids)")
 
 
-def properties_for(row: Any, now: datetime | None = None) -> pika.BasicProperties:
+def properties_for(
+    row: Any, now: datetime | None = None, lead: timedelta = timedelta(0)
+) -> pika.BasicProperties:
     """Every property the contract lists for a message the service publishes.
 
-    A timer also gets a per-message expiration of what is left until its due time: its delay
-    queue's TTL is the full timeout, so without it the relay's lag would be added to every
-    deadline. Timers of one delay queue are published in due-time order, so none waits behind
-    a later one at the head of the queue.
+    A timer also gets a per-message expiration of what is left until its due time, less the
+    lead (`TIMER_LEAD_MS`: the timeouts consumer holds an early timer until it is due): its
+    delay queue's TTL is the full timeout, so without it the relay's lag would be added to
+    every deadline. Timers of one delay queue are published in due-time order, so none waits
+    behind a later one at the head of the queue.
     """
     now = now or datetime.now(UTC)
     expiration = None
     if row.exchange == TIMERS_EXCHANGE and row.due_at:
-        left = datetime.fromisoformat(row.due_at) - now
+        left = datetime.fromisoformat(row.due_at) - lead - now
         expiration = str(max(0, int(left.total_seconds() * 1000)))
     return pika.BasicProperties(
         message_id=row.message_id,
@@ -219,7 +222,7 @@ class OutboxRelay:
                     row.exchange,
                     row.routing_key,
                     row.body.encode("utf-8"),
-                    properties_for(row),
+                    properties_for(row, lead=self.settings.timer_lead),
                 )
             nacked, returned = publisher.wait(CONFIRM_TIMEOUT_SECONDS)
             sent: list[int] = []

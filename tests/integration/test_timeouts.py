@@ -286,3 +286,40 @@ def test_a_window_of_timers_is_cancelled_together_with_the_same_effects() -> Non
                 assert (counts["locked"], counts["sold"]) == (0, sold)
         finally:
             events.stop()
+
+
+def test_a_timer_that_leaves_its_queue_early_is_held_until_due_even_across_a_restart() -> None:
+    # TIMER_LEAD_MS: timers leave their delay queue early and wait in the timeouts consumer
+    with fresh_system(ORDER_PAYMENT_TIMEOUT="6s", TIMER_LEAD_MS="5000", SWEEPER_GRACE="60s") as system:
+        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE)
+        events = EventListener(system.amqp_url).start()
+        try:
+            # Given an unpaid order whose timer left its delay queue about 5 s before its deadline
+            sku = given_sku(system, events, price=1000, stock=5)
+            order_no = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
+            deadline = order_row(system, order_no)["pay_deadline"]
+            wait_until(
+                lambda: queue_counts(system.amqp_url, "order.timer.payment-timeout.6s")[0] == 0
+                and queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 0,
+                10,
+                "the timer to reach the timeouts consumer",
+            )
+            # When the consumer holding it stops before the deadline
+            system.stop(TIMEOUTS_QUEUE)
+            # Then the order was not cancelled early and the timer is back in the queue, unapplied
+            assert datetime.now(deadline.tzinfo) < deadline
+            assert order_row(system, order_no)["status"] == "PENDING_PAYMENT"
+            assert queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 1
+            assert not events.matching(Evt.ORDER_CANCELLED, order_no=order_no)
+            # And a new consumer holds it again and cancels the order at its deadline, not before
+            system.start(TIMEOUTS_QUEUE)
+            events.one(Evt.ORDER_CANCELLED, order_no=order_no, timeout=15)
+            row = order_row(system, order_no)
+            assert row["status"] == "CANCELLED" and row["cancelled_at"] >= deadline
+            assert (row["cancelled_at"] - deadline).total_seconds() < 2  # the timer, not the sweeper
+            assert system.db.scalar(
+                "SELECT message_id FROM order_timeline WHERE order_no = %s AND to_status = 'CANCELLED'",
+                order_no,
+            )
+        finally:
+            events.stop()

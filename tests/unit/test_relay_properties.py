@@ -46,6 +46,21 @@ def test_a_timer_published_late_expires_at_its_due_time() -> None:
     assert props.expiration == "1500"
 
 
+def test_a_timer_leaves_its_queue_a_lead_early() -> None:
+    # Given a timer due 2 s from now and a lead of 300 ms (the consumer holds it until due)
+    due = (NOW + timedelta(seconds=2)).isoformat()
+    props = properties_for(
+        row("order.timers", "payment-timeout.2s", {"due_at": due}), NOW, lead=timedelta(milliseconds=300)
+    )
+    assert props.expiration == "1700"
+    # A timer due within the lead leaves at once
+    soon = (NOW + timedelta(milliseconds=100)).isoformat()
+    props = properties_for(
+        row("order.timers", "payment-timeout.2s", {"due_at": soon}), NOW, lead=timedelta(milliseconds=300)
+    )
+    assert props.expiration == "0"
+
+
 def test_an_overdue_timer_expires_at_once() -> None:
     due = (NOW - timedelta(seconds=3)).isoformat()
     props = properties_for(row("order.timers", "payment-timeout.2s", {"due_at": due}), NOW)
