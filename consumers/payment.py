@@ -240,13 +240,18 @@ def fire_payment_timeouts(conn: Connection, now: datetime, timers: list[tuple[st
         return
     order_nos = sorted(row.order_no for row in cancelled)
     moves = release_orders_stock(conn, order_nos)
-    returned = set(
-        conn.execute(
-            update(t.coupons)
-            .where(t.coupons.c.order_no.in_(order_nos), t.coupons.c.state == coupons.HELD)
-            .values(state=coupons.AVAILABLE, order_no=None, updated_at=now)
-            .returning(t.coupons.c.code)
-        ).scalars()
+    with_coupon = sorted(row.order_no for row in cancelled if row.coupon_code)
+    returned = (
+        set(
+            conn.execute(
+                update(t.coupons)
+                .where(t.coupons.c.order_no.in_(with_coupon), t.coupons.c.state == coupons.HELD)
+                .values(state=coupons.AVAILABLE, order_no=None, updated_at=now)
+                .returning(t.coupons.c.code)
+            ).scalars()
+        )
+        if with_coupon
+        else set()
     )
     buffer = WriteBuffer()
     for order in cancelled:
@@ -270,6 +275,11 @@ def fire_payment_timeouts(conn: Connection, now: datetime, timers: list[tuple[st
                 "cancelled_at": now.isoformat(),
             },
         )
+        uow.flush()
+    # The stock events after all the cancellations: the relay publishes in outbox order, and
+    # the cancellations are what a waiting user sees. Each order's own events keep their order.
+    for order in cancelled:
+        uow = UnitOfWork(conn, envelopes[order.order_no], now, buffer=buffer)
         uow.emit(
             Evt.STOCK_RELEASED,
             {"order_no": order.order_no, "items": stock_items(moves.get(order.order_no, []))},
