@@ -153,10 +153,13 @@ def timers(count: int = 5000, fast: bool = False, stages: bool = False) -> dict[
     bench harness does), so their deadlines fall as fast as the service can place them.
 
     `stages` also splits each order's lateness where the service leaves a timestamp:
-      broker: deadline -> the timer dead-lettered (a listener bound to the fired-timers exchange)
-      queued: dead-lettered -> the timeouts consumer's window starts (orders.cancelled_at)
+      fired:  deadline -> the timer dead-lettered (a listener bound to the fired-timers
+              exchange); negative when it left TIMER_LEAD_MS early to wait in the consumer
+      queued: fired -> the timeouts consumer's window starts (orders.cancelled_at)
+      start:  deadline -> the window starts: the consumer's own lateness (the sum of the two)
       window: window start -> the relay's claim of the event (outbox.sent_at, the claim's now())
       relay:  the claim -> order.cancelled received (publish, confirm, delivery)
+    The whole lateness is start + window + relay.
     """
     rng = random.Random(2)
     with (
@@ -198,8 +201,9 @@ def timers(count: int = 5000, fast: bool = False, stages: bool = False) -> dict[
         if stages:
             split = [r for r in rows if r["order_no"] in fired and r["event_sent_at"] is not None]
             marks = [
-                ("broker", lambda r: r["pay_deadline"], lambda r: fired[r["order_no"]]),
+                ("fired", lambda r: r["pay_deadline"], lambda r: fired[r["order_no"]]),
                 ("queued", lambda r: fired[r["order_no"]], lambda r: r["cancelled_at"]),
+                ("start", lambda r: r["pay_deadline"], lambda r: r["cancelled_at"]),
                 ("window", lambda r: r["cancelled_at"], lambda r: r["event_sent_at"]),
                 ("relay", lambda r: r["event_sent_at"], lambda r: got[r["order_no"]]),
             ]

@@ -121,7 +121,7 @@ def timer_accuracy(ctx: c.Context) -> dict[str, Any]:
             result["ratio_p99_vs_ttl_floor"],
         ),
         (
-            "  deadline -> timer left its delay queue",
+            "  deadline -> timer left its delay queue (< 0: early by TIMER_LEAD_MS)",
             result["timer_fired_lateness"]["p50_ms"],
             result["timer_fired_lateness"]["p99_ms"],
             result["timer_fired_lateness"]["max_ms"],
