@@ -362,27 +362,28 @@ def run_pipeline(
             daemon=True,
         )
         t0 = time.monotonic()
-        pub_thread.start()
-        if publish_event:
-            assert events is not None
-            end = c.wait_with_bar(
-                label or "raw pipeline + naive event",
-                len(msgs),
-                lambda: events.by_key.get("order.created", 0),
-                900,
-                interval=0.1,
-                started=t0,
-            )
-        else:
-            end = c.wait_with_bar(
-                label or "raw pipeline",
-                len(msgs),
-                lambda: pipeline.done.value,
-                900,
-                interval=0.05,
-                started=t0,
-            )
-        pub_thread.join()
+        with c.gc_paused():
+            pub_thread.start()
+            if publish_event:
+                assert events is not None
+                end = c.wait_with_bar(
+                    label or "raw pipeline + naive event",
+                    len(msgs),
+                    lambda: events.by_key.get("order.created", 0),
+                    900,
+                    interval=0.1,
+                    started=t0,
+                )
+            else:
+                end = c.wait_with_bar(
+                    label or "raw pipeline",
+                    len(msgs),
+                    lambda: pipeline.done.value,
+                    900,
+                    interval=0.05,
+                    started=t0,
+                )
+            pub_thread.join()
         pub: c.PublishResult = box["pub"]
         elapsed = end - pub.started
         result.update(

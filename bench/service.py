@@ -170,7 +170,7 @@ def place_and_wait(
             daemon=True,
         )
         t0 = time.monotonic()
-        with c.Sampler(lambda: db_waits(system), 0.2) as waits:
+        with c.gc_paused(), c.Sampler(lambda: db_waits(system), 0.2) as waits:
             thread.start()
             end = c.wait_with_bar(
                 description,
