@@ -333,6 +333,15 @@ def publish_async(
     def outstanding() -> int:
         return state["seq"] - state["confirmed"]
 
+    # At most one paced wake-up pending: every confirm calls pump, and scheduling a new timer
+    # from each would leave one more timer chain per message, all firing at every due time (the
+    # publisher thread's work, and so the listener's GIL waits, grew through the run).
+    timer = {"pending": False}
+
+    def wake() -> None:
+        timer["pending"] = False
+        pump()
+
     def pump() -> None:
         ch = channel_box["ch"]
         now = time.monotonic()
@@ -340,7 +349,9 @@ def publish_async(
             if rate is not None:
                 due = state["started"] + state["next"] / rate
                 if due > now:
-                    conn.ioloop.call_later(max(0.0, due - now), pump)
+                    if not timer["pending"]:
+                        timer["pending"] = True
+                        conn.ioloop.call_later(max(0.0, due - now), wake)
                     return
             msg = messages[state["next"]]
             sent_at[msg.properties.message_id] = time.monotonic()
