@@ -325,7 +325,7 @@ def publish_async(
 ) -> PublishResult:
     """Publish with publisher confirms, keeping up to `window` unconfirmed; optionally paced at `rate`/s."""
     sent_at: dict[str, float] = {}
-    state = {"next": 0, "confirmed": 0, "nacked": 0, "seq": 0, "started": 0.0, "finished": 0.0}
+    state = {"next": 0, "confirmed": 0, "nacked": 0, "seq": 0, "started": 0.0, "finished": 0.0, "waking": 0}
     params = pika.URLParameters(url)
     total = len(messages)
     channel_box: dict[str, Any] = {}
@@ -333,13 +333,11 @@ def publish_async(
     def outstanding() -> int:
         return state["seq"] - state["confirmed"]
 
-    # At most one paced wake-up pending: every confirm calls pump, and scheduling a new timer
-    # from each would leave one more timer chain per message, all firing at every due time (the
-    # publisher thread's work, and so the listener's GIL waits, grew through the run).
-    timer = {"pending": False}
-
+    # At most one paced wake-up pending ("waking"): every confirm calls pump, and scheduling a
+    # new timer from each would leave one more timer chain per message, all firing at every due
+    # time (the publisher thread's work, and so the listener's GIL waits, grew through the run).
     def wake() -> None:
-        timer["pending"] = False
+        state["waking"] = 0
         pump()
 
     def pump() -> None:
@@ -349,8 +347,8 @@ def publish_async(
             if rate is not None:
                 due = state["started"] + state["next"] / rate
                 if due > now:
-                    if not timer["pending"]:
-                        timer["pending"] = True
+                    if not state["waking"]:
+                        state["waking"] = 1
                         conn.ioloop.call_later(max(0.0, due - now), wake)
                     return
             msg = messages[state["next"]]
@@ -559,13 +557,9 @@ class Sampler:
 # Database and broker helpers
 
 
-def pg_dsn(system: System) -> str:
-    return system.db.dsn
-
-
 @contextmanager
 def pg(system: System, autocommit: bool = True) -> Iterator[Any]:
-    conn = psycopg2.connect(pg_dsn(system))
+    conn = psycopg2.connect(system.db.dsn)
     conn.autocommit = autocommit
     try:
         yield conn

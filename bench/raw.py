@@ -143,7 +143,7 @@ def sql_floor(system: System, bodies: list[dict[str, Any]], connections: int) ->
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     share = [bodies[i::connections] for i in range(connections)]
-    procs = [ctx.Process(target=_sql_worker, args=(c.pg_dsn(system), s, start, out)) for s in share]
+    procs = [ctx.Process(target=_sql_worker, args=(system.db.dsn, s, start, out)) for s in share]
     for p in procs:
         p.start()
     time.sleep(1.0)  # let every process connect
@@ -316,7 +316,7 @@ class RawPipeline:
                 target=_pipeline_worker,
                 args=(
                     system.amqp_url,
-                    c.pg_dsn(system),
+                    system.db.dsn,
                     queue,
                     publish_event,
                     r,

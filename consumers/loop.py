@@ -733,21 +733,27 @@ class ConsumerProcess:
                 retry_seconds=self.settings.transient_retry_seconds,
                 sleep=connection.sleep,
             )
-            wait = 0.5
-            while not self.stop_event.is_set():
-                connection.process_data_events(time_limit=wait)
+
+            def apply_due() -> tuple[bool, float | None]:
+                """Apply the due head of the buffer as one window; (applied, seconds to the next due)."""
                 ready, wait_s = due_prefix(buffer, datetime.now(UTC), self.settings.prefetch)
                 if ready:
                     window, buffer[:] = buffer[:ready], buffer[ready:]
                     self._handle_window(applier, window, channel, publisher)
+                return ready > 0, wait_s
+
+            wait = 0.5
+            while not self.stop_event.is_set():
+                connection.process_data_events(time_limit=wait)
+                applied, wait_s = apply_due()
+                if applied:
                     wait = 0.0 if buffer else 0.5  # more may be due already
                 else:
                     wait = 0.5 if wait_s is None else min(0.5, max(0.001, wait_s))
             channel.basic_cancel(tag)
             # What is due is applied; deliveries not due yet go back to the queue unacked.
-            while (ready := due_prefix(buffer, datetime.now(UTC), self.settings.prefetch)[0]) > 0:
-                window, buffer[:] = buffer[:ready], buffer[ready:]
-                self._handle_window(applier, window, channel, publisher)
+            while apply_due()[0]:
+                pass
         finally:
             metrics.consumer_connected(self.spec.queue, False)
             if connection.is_open:

@@ -254,8 +254,8 @@ def fire_payment_timeouts(conn: Connection, now: datetime, timers: list[tuple[st
         else set()
     )
     buffer = WriteBuffer()
-    for order in cancelled:
-        uow = UnitOfWork(conn, envelopes[order.order_no], now, buffer=buffer)
+    uows = [UnitOfWork(conn, envelopes[order.order_no], now, buffer=buffer) for order in cancelled]
+    for order, uow in zip(cancelled, uows, strict=True):
         uow.record(
             order.order_no,
             OrderAction.PAYMENT_TIMEOUT.value,
@@ -278,8 +278,7 @@ def fire_payment_timeouts(conn: Connection, now: datetime, timers: list[tuple[st
         uow.flush()
     # The stock events after all the cancellations: the relay publishes in outbox order, and
     # the cancellations are what a waiting user sees. Each order's own events keep their order.
-    for order in cancelled:
-        uow = UnitOfWork(conn, envelopes[order.order_no], now, buffer=buffer)
+    for order, uow in zip(cancelled, uows, strict=True):
         uow.emit(
             Evt.STOCK_RELEASED,
             {"order_no": order.order_no, "items": stock_items(moves.get(order.order_no, []))},
