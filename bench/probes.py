@@ -27,7 +27,7 @@ from typing import Any
 
 import pika
 
-from tests.support import EventListener, System, clean_up_on_sigterm, fresh_system
+from tests.support import EventListener, System, clean_up_on_sigterm, fresh_system, timer_refs
 
 SKUS = [f"probe-{i}" for i in range(200)]
 
@@ -66,10 +66,11 @@ def service(*queues: str, **env: str) -> Iterator[System]:
 def receipts(
     system: System,
     key: str,
-    ident: Callable[[pika.BasicProperties, bytes], str],
+    idents: Callable[[pika.BasicProperties, bytes], list[str]],
     exchange: str = "order.events",
 ) -> Iterator[dict]:
-    """Receipt times of one message kind, by `ident`, taken in a thread that does nothing else."""
+    """Receipt times of one message kind, by each of its `idents`, taken in a thread that does
+    nothing else."""
     got: dict[str, datetime] = {}
     ready, stop = threading.Event(), threading.Event()
 
@@ -78,9 +79,13 @@ def receipts(
         ch = conn.channel()
         queue = ch.queue_declare("", exclusive=True).method.queue
         ch.queue_bind(queue, exchange, key)
-        ch.basic_consume(
-            queue, lambda _c, _m, p, b: got.__setitem__(ident(p, b), datetime.now(UTC)), auto_ack=True
-        )
+
+        def on_message(_c: object, _m: object, props: pika.BasicProperties, body: bytes) -> None:
+            now = datetime.now(UTC)
+            for ident in idents(props, body):
+                got[ident] = now
+
+        ch.basic_consume(queue, on_message, auto_ack=True)
         ready.set()
         while not stop.is_set():
             conn.process_data_events(0.1)
@@ -164,9 +169,9 @@ def timers(count: int = 5000, fast: bool = False, stages: bool = False) -> dict[
     rng = random.Random(2)
     with (
         service("order.timeouts", ORDER_PAYMENT_TIMEOUT="5s", SWEEPER_GRACE="60s") as system,
-        receipts(system, "order.cancelled", lambda _props, body: json.loads(body)["order_no"]) as got,
+        receipts(system, "order.cancelled", lambda _props, body: [json.loads(body)["order_no"]]) as got,
         (
-            receipts(system, "timer.#", lambda _p, body: json.loads(body)["ref"], "order.timers.fired")
+            receipts(system, "timer.#", lambda _p, body: timer_refs(body), "order.timers.fired")
             if stages
             else nullcontext({})
         ) as fired,

@@ -284,7 +284,7 @@ class WindowApplier:
                     extra={"error": repr(exc)},
                 )
             return self._transaction(window)
-        if len(window) > 1:
+        if len(window) > 1 or self._set_based(window):
             try:
                 return self._optimistic_transaction(window)
             except (NeedsSavepoints, StockShortfall) as exc:
@@ -339,6 +339,11 @@ class WindowApplier:
                     raise NeedsSavepoints(repr(exc)) from exc
             window_stock.apply(conn)
         return outcomes
+
+    def _set_based(self, window: Sequence[Parsed]) -> bool:
+        """A window with a message of a set-based route (one timer message may carry many timers)."""
+        routes = self.spec.routes
+        return any(p.command is not None and routes[p.delivery.routing_key].apply_window for p in window)
 
     def _batchable(self, window: Sequence[Parsed]) -> bool:
         routes = self.spec.routes

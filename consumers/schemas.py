@@ -152,12 +152,39 @@ class RefundResult(Command):
     signature: Annotated[str, Field(min_length=1, max_length=128, strict=True)]
 
 
+TIMER_REFS_MAX = 1000
+
+
 class TimerFired(Command):
-    """A timer that ran out (internal, from the delay queues)."""
+    """A timer that ran out (internal, from the delay queues).
+
+    It names one `ref`, or several `refs` that share its kind and due time (the timers of one
+    window travel as one message; `store.uow.coalesce_timers`), each with the correlation id of
+    the command that started it in `correlation_ids`.
+    """
 
     kind: Identifier
-    ref: Identifier
     due_at: UtcTime
+    ref: Identifier | None = None
+    refs: Annotated[list[Identifier], Field(min_length=1, max_length=TIMER_REFS_MAX)] | None = None
+    correlation_ids: list[Annotated[str, Field(max_length=255, strict=True)] | None] | None = None
+
+    @model_validator(mode="after")
+    def _names_its_refs(self) -> TimerFired:
+        if (self.ref is None) == (self.refs is None):
+            raise ValueError("a timer names either ref or refs")
+        if self.correlation_ids is not None and len(self.correlation_ids) != len(self.refs or ()):
+            raise ValueError("correlation_ids must match refs one for one")
+        return self
+
+    def targets(self, correlation_id: str | None) -> list[tuple[str, str | None]]:
+        """(ref, correlation id) of each timer this message carries; `correlation_id` is the
+        message's own, for a single timer or a ref without one of its own."""
+        if self.refs is None:
+            assert self.ref is not None
+            return [(self.ref, correlation_id)]
+        ids = self.correlation_ids or [None] * len(self.refs)
+        return [(ref, cid or correlation_id) for ref, cid in zip(self.refs, ids, strict=True)]
 
 
 def describe_errors(exc: ValidationError) -> str:

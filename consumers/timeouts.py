@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
@@ -30,16 +31,35 @@ def timer_kinds(settings: Settings) -> list[TimerKind]:
     ]
 
 
+def _targets(cmd: TimerFired, envelope: Envelope) -> list[tuple[str, Envelope]]:
+    """Each timer a message carries, with an envelope that has its own command's correlation id."""
+    return [
+        (ref, envelope if cid == envelope.correlation_id else replace(envelope, correlation_id=cid))
+        for ref, cid in cmd.targets(envelope.correlation_id)
+    ]
+
+
 def _fire(kind: TimerKind) -> Route:
     def on_timer(cmd: TimerFired, uow: UnitOfWork) -> None:
-        kind.fire(uow, cmd.ref)
+        if cmd.ref is not None:
+            kind.fire(uow, cmd.ref)
+            return
+        # Several timers: each in a savepoint of its own, so that one refused leaves the others.
+        for ref, envelope in _targets(cmd, uow.envelope):
+            try:
+                with uow.conn.begin_nested():
+                    one = UnitOfWork(uow.conn, envelope, uow.now, uow.window_stock)
+                    kind.fire(one, ref)
+                    one.flush()
+            except Refusal:
+                continue
 
     apply_window = None
     if kind.fire_many is not None:
         fire_many = kind.fire_many
 
         def apply_window(conn: Connection, now: datetime, items: list[tuple[TimerFired, Envelope]]) -> None:
-            fire_many(conn, now, [(cmd.ref, envelope) for cmd, envelope in items])
+            fire_many(conn, now, [target for cmd, envelope in items for target in _targets(cmd, envelope)])
 
     return Route(TimerFired, on_timer, apply_window=apply_window)
 

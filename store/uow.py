@@ -188,7 +188,50 @@ class WriteBuffer:
         )
         for name in names:
             table, rows = self.rows[name]
-            insert_rows(conn, table, rows)
+            insert_rows(conn, table, coalesce_timers(rows) if table is t.outbox else rows)
+
+
+# A window's timers that share a delay queue and a due time travel as one message (at most this
+# many refs): the broker then stores, expires and dead-letters one message instead of a window's
+# worth, and the timeouts consumer applies them together, as it would have anyway.
+TIMER_BATCH_MAX = 500
+_SINGLE_TIMER_KEYS = frozenset(("kind", "ref", "due_at"))
+
+
+def coalesce_timers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Outbox rows with the timers of the same delay queue and due time merged into one row.
+
+    The merged body names `refs` and, one for one, the `correlation_ids` of the commands that
+    started them (the events a timer causes carry its command's correlation id). A timer with
+    extra fields, or alone in its group, stays as it was; other rows are untouched, in order.
+    """
+    out: list[dict[str, Any] | list[dict[str, Any]]] = []
+    open_groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        body = row["body"]
+        if row["exchange"] != TIMERS_EXCHANGE or body.keys() != _SINGLE_TIMER_KEYS:
+            out.append(row)
+            continue
+        key = (row["routing_key"], body["kind"], body["due_at"])
+        group = open_groups.get(key)
+        if group is None or len(group) == TIMER_BATCH_MAX:
+            group = open_groups[key] = []
+            out.append(group)
+        group.append(row)
+    return [item if isinstance(item, dict) else _merged_timer(item) for item in out]
+
+
+def _merged_timer(group: list[dict[str, Any]]) -> dict[str, Any]:
+    first = group[0]
+    if len(group) == 1:
+        return first
+    body = {
+        "kind": first["body"]["kind"],
+        "due_at": first["body"]["due_at"],
+        "refs": [row["body"]["ref"] for row in group],
+        "correlation_ids": [row["correlation_id"] for row in group],
+    }
+    return {**first, "body": body, "correlation_id": None}
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:

@@ -420,6 +420,12 @@ DEFAULT_ENV = {
 }
 
 
+def timer_refs(body: bytes) -> list[str]:
+    """The refs a fired timer message carries: one `ref`, or the `refs` of a window's timers."""
+    data = json.loads(body)
+    return list(data["refs"]) if "refs" in data else [data["ref"]]
+
+
 def clean_up_on_sigterm() -> None:
     """Make SIGTERM unwind like Ctrl-C, so that a killed run still stops its consumers and
     deletes its vhost and database (a default SIGTERM skips every `finally`: an interrupted

@@ -7,13 +7,17 @@ takes them).
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pika
+
 from domain.errors import Reason
-from domain.names import Cmd, Evt, Timer
+from domain.names import TIMERS_FIRED_EXCHANGE, Cmd, Evt, Timer
 from domain.status import OrderStatus
 from tests.integration.test_placement import RECEIVER, given_sku, stock_of
 from tests.support import EventListener, System, purge_queue, queue_counts, unique
@@ -286,3 +290,48 @@ def test_lost_auto_confirm_timer_is_applied_by_the_sweeper(system: System, event
         )
         == 1
     )
+
+
+def test_one_fired_message_with_several_auto_confirm_timers_completes_each_child_once(
+    system: System, events: EventListener
+) -> None:
+    # Given two shipped children whose own auto-confirm timers are lost (their delay queue purged)
+    order, m1, m2 = two_merchant_order(system, events)
+    children = [order.child_of(m1), order.child_of(m2)]
+    for child in children:
+        ship(system, events, child)
+    delay_queue = delay_queue_name(Timer.AUTO_CONFIRM, timedelta(seconds=4))
+    deadline = time.monotonic() + 10
+    while queue_counts(system.amqp_url, delay_queue)[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert purge_queue(system.amqp_url, delay_queue) >= 2
+
+    # When one fired timer message names both, and the parent (which has nothing to confirm)
+    body = {
+        "kind": Timer.AUTO_CONFIRM,
+        "refs": [*children, order.parent_no],
+        "correlation_ids": ["corr-a", "corr-b", "corr-c"],
+        "due_at": datetime.now(UTC).isoformat(),
+    }
+    props = pika.BasicProperties(
+        message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2
+    )
+    system.publish_raw(
+        Timer.fired_key(Timer.AUTO_CONFIRM), json.dumps(body).encode(), props, exchange=TIMERS_FIRED_EXCHANGE
+    )
+
+    # Then each child is completed once, its event carrying its own timer's correlation id
+    for child, correlation_id in zip(children, ["corr-a", "corr-b"], strict=True):
+        completed = events.wait_for(Evt.ORDER_COMPLETED, order_no=child, timeout=15)[0]
+        assert completed.body["auto_confirmed"] is True
+        assert completed.properties.correlation_id == correlation_id
+        assert status_of(system, child) == OrderStatus.COMPLETED
+        assert (
+            system.db.scalar(
+                "SELECT count(*) FROM order_timeline WHERE order_no = %s AND action = 'CONFIRM_RECEIPT'",
+                child,
+            )
+            == 1
+        )
+    # And the parent completes with its last child, as it always does
+    events.one(Evt.ORDER_COMPLETED, order_no=order.parent_no)

@@ -323,3 +323,51 @@ def test_a_timer_that_leaves_its_queue_early_is_held_until_due_even_across_a_res
             )
         finally:
             events.stop()
+
+
+def test_the_timers_of_one_window_travel_as_one_message_and_keep_each_orders_correlation() -> None:
+    with fresh_system(ORDER_PAYMENT_TIMEOUT="2s", SWEEPER_GRACE="60s") as system:
+        system.start(CATALOG_QUEUE, TIMEOUTS_QUEUE, "order.payment")
+        events = EventListener(system.amqp_url).start()
+        try:
+            # Given 20 orders sent while placement is down, so that they are placed in one window
+            sku = given_sku(system, events, price=1000, stock=100)
+            sent: dict[str, str] = {}  # request_id -> the command's message id (its correlation id)
+            with system.publisher() as pub:
+                for _ in range(20):
+                    request_id = unique("req")
+                    body = {
+                        "request_id": request_id,
+                        "user_id": unique("user"),
+                        "order_type": "physical",
+                        "items": [{"sku": sku, "quantity": 1}],
+                        "receiver": RECEIVER,
+                    }
+                    sent[request_id] = pub.send(Cmd.ORDER_PLACE, body)
+            system.start(PLACEMENT_QUEUE)
+            created = events.wait_for(
+                Evt.ORDER_CREATED, count=20, timeout=20, where=lambda b: b["request_id"] in sent
+            )
+            order_of = {c.body["order_no"]: c.body["request_id"] for c in created}
+            # Then their payment timers are fewer messages than orders, each naming several refs
+            timers = system.db.query("SELECT body FROM outbox WHERE exchange = 'order.timers'")
+            refs = [ref for t in timers for ref in t["body"].get("refs", [t["body"].get("ref")])]
+            assert sorted(refs) == sorted(order_of)
+            assert len(timers) < 20
+            # When their deadline passes
+            cancelled = events.wait_for(
+                Evt.ORDER_CANCELLED, count=20, timeout=20, where=lambda b: b["order_no"] in order_of
+            )
+            # Then each order is cancelled once, on time, with its own command's correlation id
+            for event in cancelled:
+                order_no = event.body["order_no"]
+                assert event.properties.correlation_id == sent[order_of[order_no]]
+                assert len(events.matching(Evt.ORDER_CANCELLED, order_no=order_no)) == 1
+                released = events.one(Evt.STOCK_RELEASED, order_no=order_no)
+                assert [(i["sku"], i["quantity"]) for i in released["items"]] == [(sku, 1)]
+                row = order_row(system, order_no)
+                assert row["status"] == "CANCELLED" and row["cancelled_at"] >= row["pay_deadline"]
+            counts = assert_stock_adds_up(system, sku)
+            assert (counts["available"], counts["locked"]) == (100, 0)
+        finally:
+            events.stop()
