@@ -3,7 +3,8 @@
 A window is whatever the prefetch has already delivered. It is applied in one database
 transaction with a savepoint per message (dedup row + handler effects + outbox rows), the
 transaction commits, the messages to park or retry are republished with confirms, and only
-then is the window acked with one `basic_ack(multiple=True)`.
+then is the window acked with one `basic_ack(multiple=True)` (a timer not yet due may stay
+in the buffer, unacked, while later deliveries are applied and acked one by one: `ack_plan`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ConsumerSpec:
     bindings: tuple[tuple[str, str], ...]
     periodic: Callable[[Engine, Settings], None] | None = None
     # When a delivery may be applied (None: at once). A delivery that is not due yet waits in
-    # the consumer's buffer, unacked, and so do the ones behind it (see `due_prefix`).
+    # the consumer's buffer, unacked, while due ones are applied (see `due_window`).
     due_at: Callable[[Delivery], datetime | None] | None = None
     # This queue's prefetch instead of the PREFETCH setting (windows stay PREFETCH at most).
     prefetch: int | None = None
@@ -137,23 +138,38 @@ def make_delivery(method: Any, properties: pika.BasicProperties, body: bytes) ->
     )
 
 
-def due_prefix(buffer: Sequence[Delivery], now: datetime, limit: int) -> tuple[int, float | None]:
-    """How many deliveries at the head of `buffer` are due (at most `limit`), and, when none
-    is, the seconds until the first one will be.
+def due_window(buffer: Sequence[Delivery], now: datetime, limit: int) -> tuple[list[int], float | None]:
+    """The positions in `buffer` of the deliveries that are due (at most `limit`, in buffer
+    order), and, when none is, the seconds until the first one will be.
 
-    Only a prefix is taken, so that one `basic_ack(multiple=True)` settles exactly the window;
-    timers arrive in due order, so a delivery not yet due rarely has due ones behind it, and
-    those wait at most until it is due.
+    Timers reach the buffer roughly in due order, but not exactly: each delay queue expires
+    only at its head, so a timer due a little earlier can arrive behind a later one. Every due
+    delivery is taken, wherever it is, so that none waits for a later one (see `ack_plan`).
     """
-    count = 0
-    for delivery in buffer:
-        if count == limit or (delivery.due is not None and delivery.due > now):
+    picked: list[int] = []
+    next_due: datetime | None = None
+    for position, delivery in enumerate(buffer):
+        if len(picked) == limit:
             break
-        count += 1
-    if count or not buffer:
-        return count, None
-    head_due = buffer[0].due
-    return 0, None if head_due is None else (head_due - now).total_seconds()
+        if delivery.due is None or delivery.due <= now:
+            picked.append(position)
+        elif next_due is None or delivery.due < next_due:
+            next_due = delivery.due
+    if picked or next_due is None:
+        return picked, None
+    return [], (next_due - now).total_seconds()
+
+
+def ack_plan(window_tags: Sequence[int], first_held: int | None) -> tuple[int | None, list[int]]:
+    """How to ack a window while deliveries from tag `first_held` on stay in the buffer, unacked.
+
+    One `basic_ack(multiple=True)` settles every window tag below the first held delivery
+    (the others before it were acked with earlier windows); each window tag after it is acked
+    alone, so that the held deliveries stay unacked. Returns (multiple-ack tag or None, singles).
+    """
+    below = [tag for tag in window_tags if first_held is None or tag < first_held]
+    singles = [tag for tag in window_tags if first_held is not None and tag > first_held]
+    return (max(below) if below else None), singles
 
 
 def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
@@ -740,12 +756,16 @@ class ConsumerProcess:
             )
 
             def apply_due() -> tuple[bool, float | None]:
-                """Apply the due head of the buffer as one window; (applied, seconds to the next due)."""
-                ready, wait_s = due_prefix(buffer, datetime.now(UTC), self.settings.prefetch)
-                if ready:
-                    window, buffer[:] = buffer[:ready], buffer[ready:]
-                    self._handle_window(applier, window, channel, publisher)
-                return ready > 0, wait_s
+                """Apply what is due in the buffer as one window; (applied, seconds to the next due)."""
+                picked, wait_s = due_window(buffer, datetime.now(UTC), self.settings.prefetch)
+                if picked:
+                    chosen = set(picked)
+                    window = [buffer[i] for i in picked]
+                    buffer[:] = [d for i, d in enumerate(buffer) if i not in chosen]
+                    self._handle_window(
+                        applier, window, channel, publisher, buffer[0].tag if buffer else None
+                    )
+                return bool(picked), wait_s
 
             wait = 0.5
             while not self.stop_event.is_set():
@@ -773,7 +793,10 @@ class ConsumerProcess:
         window: list[Delivery],
         channel: BlockingChannel,
         publisher: BlockingChannel,
+        first_held: int | None = None,
     ) -> None:
+        """Apply, republish what is parked or retried, then ack (deliveries from tag `first_held`
+        on stay in the buffer, unacked)."""
         started = metrics.window_received(self.spec, window)
         parsed = [validate(d, self.spec.routes) for d in window]
         try:
@@ -791,7 +814,11 @@ class ConsumerProcess:
                 self._publish_parked(publisher, delivery, outcome)
             elif isinstance(outcome, Retry):
                 self._publish_retry(publisher, delivery, outcome)
-        channel.basic_ack(delivery_tag=window[-1].tag, multiple=True)
+        upto, singles = ack_plan([d.tag for d in window], first_held)
+        if upto is not None:
+            channel.basic_ack(delivery_tag=upto, multiple=True)
+        for tag in singles:
+            channel.basic_ack(delivery_tag=tag)
         metrics.window_acked(self.spec, window, outcomes, started)
 
     def _apply_alone(self, applier: WindowApplier, parsed: Parsed) -> Outcome:

@@ -3,8 +3,9 @@
 Scheduling: `uow.start_timer(kind, ref, delay)` writes a timer message to the outbox; the relay
 publishes it to the delay queue `order.timer.<kind>.<duration>` (queue-level TTL), which
 dead-letters it to the timeouts queue when the delay has passed. The timers a window starts
-with the same delay and due time are merged into one message (`store.uow.coalesce_timers`). The backstop sweeper asks each
-kind for refs whose deadline passed a grace period ago, in case a timer message was lost.
+with the same delay and due time are merged into one message (`store.uow.coalesce_timers`).
+The backstop sweeper asks each kind for refs whose deadline passed a grace period ago, in case
+a timer message was lost.
 """
 
 from __future__ import annotations

@@ -206,6 +206,9 @@ class EventListener:
                 self._ready.set()
                 while not self._stop.is_set():
                     conn.process_data_events(time_limit=0.2)
+                # Stopped: a durable queue left bound to every event would keep taking (and
+                # writing to disk) all the events that follow, with nobody reading them.
+                ch.queue_delete(queue)
                 conn.close()
             except pika.exceptions.AMQPError:
                 time.sleep(0.5)  # the broker restarts in fault tests: listen again

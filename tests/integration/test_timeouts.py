@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pika
 
 from domain.errors import Reason
-from domain.names import PLACEMENT_QUEUE, TIMEOUTS_QUEUE, Cmd, Evt
+from domain.names import PLACEMENT_QUEUE, TIMEOUTS_QUEUE, TIMERS_FIRED_EXCHANGE, Cmd, Evt, Timer
 from tests.integration.test_payment import (
     RECEIVER,
     assert_stock_adds_up,
@@ -369,5 +373,46 @@ def test_the_timers_of_one_window_travel_as_one_message_and_keep_each_orders_cor
                 assert row["status"] == "CANCELLED" and row["cancelled_at"] >= row["pay_deadline"]
             counts = assert_stock_adds_up(system, sku)
             assert (counts["available"], counts["locked"]) == (100, 0)
+        finally:
+            events.stop()
+
+
+def test_a_due_timer_is_not_held_back_by_a_later_one_ahead_of_it_in_the_queue() -> None:
+    # Each delay queue expires only at its head, so a timer can reach the timeouts consumer
+    # behind one due later. Long timeouts here: only the two timers sent below fire.
+    with fresh_system(ORDER_PAYMENT_TIMEOUT="60s", TIMER_LEAD_MS="5000", SWEEPER_GRACE="60s") as system:
+        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE)
+        events = EventListener(system.amqp_url).start()
+        try:
+            sku = given_sku(system, events, price=1000, stock=5)
+            late, early = (
+                place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
+                for _ in range(2)
+            )
+            # Given a timer due in 4 s that reached the consumer ahead of one due in 1 s
+            now = datetime.now(UTC)
+            late_due, early_due = now + timedelta(seconds=4), now + timedelta(seconds=1)
+            for order_no, due in ((late, late_due), (early, early_due)):
+                body = {"kind": Timer.PAYMENT_TIMEOUT, "ref": order_no, "due_at": due.isoformat()}
+                props = pika.BasicProperties(
+                    message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2
+                )
+                system.publish_raw(
+                    Timer.fired_key(Timer.PAYMENT_TIMEOUT),
+                    json.dumps(body).encode(),
+                    props,
+                    exchange=TIMERS_FIRED_EXCHANGE,
+                )
+            # Then the earlier one is applied at its due time, without waiting for the later one
+            events.one(Evt.ORDER_CANCELLED, order_no=early, timeout=10)
+            early_row = order_row(system, early)
+            assert early_due <= early_row["cancelled_at"] < late_due
+            assert order_row(system, late)["status"] == "PENDING_PAYMENT"
+            # And the later one, held unacked meanwhile, at its own
+            events.one(Evt.ORDER_CANCELLED, order_no=late, timeout=10)
+            assert order_row(system, late)["cancelled_at"] >= late_due
+            # Both were acked: a stopped consumer leaves nothing behind to be delivered again
+            system.stop(TIMEOUTS_QUEUE)
+            assert queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 0
         finally:
             events.stop()
