@@ -28,7 +28,7 @@ import pika
 import psycopg2
 import psycopg2.extras
 
-from domain.names import EVENTS_EXCHANGE
+from domain.names import EVENTS_EXCHANGE, TIMERS_FIRED_EXCHANGE, Timer
 from domain.signing import sign
 from publishers.commands import CommandPublisher
 
@@ -380,6 +380,15 @@ class System:
             ch.basic_publish(exchange, routing_key, body, properties)
         finally:
             conn.close()
+
+    def fire_timer(self, kind: str, body: dict[str, Any]) -> None:
+        """A timer message as its delay queue dead-letters it, straight to the timeouts queue."""
+        props = pika.BasicProperties(
+            message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2
+        )
+        self.publish_raw(
+            Timer.fired_key(kind), json.dumps({"kind": kind, **body}).encode(), props, TIMERS_FIRED_EXCHANGE
+        )
 
     def signed(self, body: dict[str, Any]) -> dict[str, Any]:
         return {**body, "signature": sign(body, self.env["PAYMENT_WEBHOOK_SECRET"])}

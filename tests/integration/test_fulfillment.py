@@ -7,17 +7,13 @@ takes them).
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pika
-
 from domain.errors import Reason
-from domain.names import TIMERS_FIRED_EXCHANGE, Cmd, Evt, Timer
+from domain.names import Cmd, Evt, Timer
 from domain.status import OrderStatus
 from tests.integration.test_placement import RECEIVER, given_sku, stock_of
 from tests.support import EventListener, System, purge_queue, queue_counts, unique
@@ -307,17 +303,13 @@ def test_one_fired_message_with_several_auto_confirm_timers_completes_each_child
     assert purge_queue(system.amqp_url, delay_queue) >= 2
 
     # When one fired timer message names both, and the parent (which has nothing to confirm)
-    body = {
-        "kind": Timer.AUTO_CONFIRM,
-        "refs": [*children, order.parent_no],
-        "correlation_ids": ["corr-a", "corr-b", "corr-c"],
-        "due_at": datetime.now(UTC).isoformat(),
-    }
-    props = pika.BasicProperties(
-        message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2
-    )
-    system.publish_raw(
-        Timer.fired_key(Timer.AUTO_CONFIRM), json.dumps(body).encode(), props, exchange=TIMERS_FIRED_EXCHANGE
+    system.fire_timer(
+        Timer.AUTO_CONFIRM,
+        {
+            "refs": [*children, order.parent_no],
+            "correlation_ids": ["corr-a", "corr-b", "corr-c"],
+            "due_at": datetime.now(UTC).isoformat(),
+        },
     )
 
     # Then each child is completed once, its event carrying its own timer's correlation id

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
-import pika
-
 from domain.errors import Reason
-from domain.names import PLACEMENT_QUEUE, TIMEOUTS_QUEUE, TIMERS_FIRED_EXCHANGE, Cmd, Evt, Timer
+from domain.names import PLACEMENT_QUEUE, TIMEOUTS_QUEUE, Cmd, Evt, Timer
 from tests.integration.test_payment import (
     RECEIVER,
     assert_stock_adds_up,
@@ -393,16 +389,7 @@ def test_a_due_timer_is_not_held_back_by_a_later_one_ahead_of_it_in_the_queue() 
             now = datetime.now(UTC)
             late_due, early_due = now + timedelta(seconds=4), now + timedelta(seconds=1)
             for order_no, due in ((late, late_due), (early, early_due)):
-                body = {"kind": Timer.PAYMENT_TIMEOUT, "ref": order_no, "due_at": due.isoformat()}
-                props = pika.BasicProperties(
-                    message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2
-                )
-                system.publish_raw(
-                    Timer.fired_key(Timer.PAYMENT_TIMEOUT),
-                    json.dumps(body).encode(),
-                    props,
-                    exchange=TIMERS_FIRED_EXCHANGE,
-                )
+                system.fire_timer(Timer.PAYMENT_TIMEOUT, {"ref": order_no, "due_at": due.isoformat()})
             # Then the earlier one is applied at its due time, without waiting for the later one
             events.one(Evt.ORDER_CANCELLED, order_no=early, timeout=10)
             early_row = order_row(system, early)
