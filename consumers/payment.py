@@ -226,19 +226,34 @@ def fire_payment_timeouts(conn: Connection, now: datetime, timers: list[tuple[st
     for each order, in a handful of statements instead of a handful per order."""
     envelopes = {ref: envelope for ref, envelope in timers}
     to_status = next_order_status(OrderStatus.PENDING_PAYMENT, OrderAction.PAYMENT_TIMEOUT)
-    cancelled = conn.execute(
-        update(t.orders)
-        .where(
-            t.orders.c.order_no.in_(list(envelopes)),
-            t.orders.c.status == OrderStatus.PENDING_PAYMENT,
-            t.orders.c.parent_no.is_(None),
+    # The orders are locked by primary key and checked here, then updated by primary key. With
+    # the status in the WHERE clause, a planner without fresh statistics (a new or bulk-loaded
+    # table, autovacuum off) read the whole unpaid-orders partial index for every window: 300
+    # cancellations a second with 1,000,000 pending.
+    cancelled = [
+        row
+        for row in conn.execute(
+            select(
+                t.orders.c.order_no,
+                t.orders.c.user_id,
+                t.orders.c.coupon_code,
+                t.orders.c.status,
+                t.orders.c.parent_no,
+            )
+            .where(t.orders.c.order_no.in_(sorted(envelopes)))
+            .order_by(t.orders.c.order_no)
+            .with_for_update()
         )
-        .values(status=to_status, version=t.orders.c.version + 1, cancelled_at=now, updated_at=now)
-        .returning(t.orders.c.order_no, t.orders.c.user_id, t.orders.c.coupon_code)
-    ).all()
+        if row.status == OrderStatus.PENDING_PAYMENT and row.parent_no is None
+    ]
     if not cancelled:
         return
-    order_nos = sorted(row.order_no for row in cancelled)
+    order_nos = [row.order_no for row in cancelled]
+    conn.execute(
+        update(t.orders)
+        .where(t.orders.c.order_no.in_(order_nos))
+        .values(status=to_status, version=t.orders.c.version + 1, cancelled_at=now, updated_at=now)
+    )
     moves = release_orders_stock(conn, order_nos)
     with_coupon = sorted(row.order_no for row in cancelled if row.coupon_code)
     returned = (
