@@ -240,7 +240,7 @@ def fire_payment_timeouts(conn: Connection, now: datetime, timers: list[tuple[st
                 t.orders.c.status,
                 t.orders.c.parent_no,
             )
-            .where(t.orders.c.order_no.in_(sorted(envelopes)))
+            .where(t.orders.c.order_no.in_(list(envelopes)))
             .order_by(t.orders.c.order_no)
             .with_for_update()
         )

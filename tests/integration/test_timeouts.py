@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from domain.errors import Reason
@@ -30,6 +32,19 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"waited {timeout}s for {what}")
+
+
+@contextmanager
+def own_system(*queues: str, **env: str) -> Iterator[tuple[System, EventListener]]:
+    """A fresh system of the test's own (it changes timers or stops consumers), running
+    `queues`, with a listener for its events."""
+    with fresh_system(**env) as system:
+        system.start(*queues)
+        events = EventListener(system.amqp_url).start()
+        try:
+            yield system, events
+        finally:
+            events.stop()
 
 
 def test_an_unpaid_order_is_cancelled_with_its_stock_and_coupon_given_back(
@@ -154,35 +169,30 @@ def test_pay_at_the_deadline_each_order_is_either_paid_or_cancelled_and_refunded
 
 
 def test_the_sweeper_cancels_an_order_whose_timer_was_lost() -> None:
-    with fresh_system(ORDER_PAYMENT_TIMEOUT="4s", SWEEPER_GRACE="1s") as system:
-        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE)
-        events = EventListener(system.amqp_url).start()
-        try:
-            # Given an unpaid order whose timer message waits in its delay queue
-            sku = given_sku(system, events, price=1000, stock=5)
-            created = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 2}])
-            delay_queue = "order.timer.payment-timeout.4s"
-            wait_until(
-                lambda: queue_counts(system.amqp_url, delay_queue)[0] == 1, 10, "the timer to be queued"
-            )
-            # When the delay queue is purged (the timer is lost)
-            assert purge_queue(system.amqp_url, delay_queue) == 1
-            # Then the sweeper cancels the order once its deadline and the grace period have passed
-            cancelled = events.one(Evt.ORDER_CANCELLED, order_no=created["order_no"], timeout=20)
-            assert cancelled["reason"] == Reason.PAYMENT_TIMEOUT
-            row = order_row(system, created["order_no"])
-            assert (row["cancelled_at"] - row["pay_deadline"]).total_seconds() >= 1
-            line = system.db.one(
-                "SELECT * FROM order_timeline WHERE order_no = %s AND to_status = 'CANCELLED'",
-                created["order_no"],
-            )
-            assert line["message_id"] is None  # applied by the sweeper, not by a timer message
-            # And its stock is released
-            events.one(Evt.STOCK_RELEASED, order_no=created["order_no"])
-            counts = assert_stock_adds_up(system, sku)
-            assert (counts["available"], counts["locked"]) == (5, 0)
-        finally:
-            events.stop()
+    with own_system(
+        CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE, ORDER_PAYMENT_TIMEOUT="4s", SWEEPER_GRACE="1s"
+    ) as (system, events):
+        # Given an unpaid order whose timer message waits in its delay queue
+        sku = given_sku(system, events, price=1000, stock=5)
+        created = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 2}])
+        delay_queue = "order.timer.payment-timeout.4s"
+        wait_until(lambda: queue_counts(system.amqp_url, delay_queue)[0] == 1, 10, "the timer to be queued")
+        # When the delay queue is purged (the timer is lost)
+        assert purge_queue(system.amqp_url, delay_queue) == 1
+        # Then the sweeper cancels the order once its deadline and the grace period have passed
+        cancelled = events.one(Evt.ORDER_CANCELLED, order_no=created["order_no"], timeout=20)
+        assert cancelled["reason"] == Reason.PAYMENT_TIMEOUT
+        row = order_row(system, created["order_no"])
+        assert (row["cancelled_at"] - row["pay_deadline"]).total_seconds() >= 1
+        line = system.db.one(
+            "SELECT * FROM order_timeline WHERE order_no = %s AND to_status = 'CANCELLED'",
+            created["order_no"],
+        )
+        assert line["message_id"] is None  # applied by the sweeper, not by a timer message
+        # And its stock is released
+        events.one(Evt.STOCK_RELEASED, order_no=created["order_no"])
+        counts = assert_stock_adds_up(system, sku)
+        assert (counts["available"], counts["locked"]) == (5, 0)
 
 
 def test_restarting_with_another_timeout_needs_no_broker_work() -> None:
@@ -224,182 +234,178 @@ def test_restarting_with_another_timeout_needs_no_broker_work() -> None:
 
 
 def test_a_window_of_timers_is_cancelled_together_with_the_same_effects() -> None:
-    with fresh_system(ORDER_PAYMENT_TIMEOUT="2s", SWEEPER_GRACE="60s") as system:
-        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, "order.payment")
-        events = EventListener(system.amqp_url).start()
-        try:
-            # Given 30 unpaid orders of two lines, some with coupons, one paid in time, while the
-            # timeouts consumer is down (so their timers wait together in its queue)
-            tea = given_sku(system, events, price=1500, stock=100)
-            pot = given_sku(system, events, price=500, stock=100)
-            orders = []
-            for i in range(30):
-                user = unique("user")
-                code = given_coupon(system, events, user, amount=100) if i % 3 == 0 else None
-                orders.append(
-                    place_order(
-                        system,
-                        events,
-                        user,
-                        [{"sku": tea, "quantity": 1}, {"sku": pot, "quantity": 2}],
-                        coupon_code=code,
-                    )
+    with own_system(
+        CATALOG_QUEUE, PLACEMENT_QUEUE, "order.payment", ORDER_PAYMENT_TIMEOUT="2s", SWEEPER_GRACE="60s"
+    ) as (system, events):
+        # Given 30 unpaid orders of two lines, some with coupons, one paid in time, while the
+        # timeouts consumer is down (so their timers wait together in its queue)
+        tea = given_sku(system, events, price=1500, stock=100)
+        pot = given_sku(system, events, price=500, stock=100)
+        orders = []
+        for i in range(30):
+            user = unique("user")
+            code = given_coupon(system, events, user, amount=100) if i % 3 == 0 else None
+            orders.append(
+                place_order(
+                    system,
+                    events,
+                    user,
+                    [{"sku": tea, "quantity": 1}, {"sku": pot, "quantity": 2}],
+                    coupon_code=code,
                 )
-            paid = orders.pop()
-            pay(system, paid["order_no"], paid["payable"])
-            events.one(Evt.ORDER_PAID, order_no=paid["order_no"])
-            wait_until(lambda: queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] >= 30, 20, "timers to fire")
-            # When the timeouts consumer starts and takes them in one window
-            system.start(TIMEOUTS_QUEUE)
-            # Then every unpaid order is cancelled with its stock and coupon given back, exactly once
-            cancelled = events.wait_for(
-                Evt.ORDER_CANCELLED,
-                count=29,
-                timeout=30,
-                where=lambda b: b["order_no"] in {o["order_no"] for o in orders},
             )
-            assert {c.body["order_no"] for c in cancelled} == {o["order_no"] for o in orders}
-            assert {(c.body["status"], c.body["reason"]) for c in cancelled} == {
-                ("CANCELLED", "PAYMENT_TIMEOUT")
-            }
-            for order in orders:
-                released = events.one(Evt.STOCK_RELEASED, order_no=order["order_no"])
-                assert sorted((i["sku"], i["quantity"]) for i in released["items"]) == sorted(
-                    [(tea, 1), (pot, 2)]
-                )
-                assert order_row(system, order["order_no"])["status"] == "CANCELLED"
-                assert len(events.matching(Evt.ORDER_CANCELLED, order_no=order["order_no"])) == 1
-            with_coupon = [c.body for c in cancelled if c.body["coupon_code"]]
-            assert len(with_coupon) == 10
-            assert system.db.scalar("SELECT count(*) FROM coupons WHERE state = 'HELD'") == 0
-            assert (
-                system.db.scalar(
-                    "SELECT count(*) FROM order_timeline "
-                    "WHERE action = 'PAYMENT_TIMEOUT' AND message_id IS NOT NULL"
-                )
-                == 29
+        paid = orders.pop()
+        pay(system, paid["order_no"], paid["payable"])
+        events.one(Evt.ORDER_PAID, order_no=paid["order_no"])
+        wait_until(lambda: queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] >= 30, 20, "timers to fire")
+        # When the timeouts consumer starts and takes them in one window
+        system.start(TIMEOUTS_QUEUE)
+        # Then every unpaid order is cancelled with its stock and coupon given back, exactly once
+        cancelled = events.wait_for(
+            Evt.ORDER_CANCELLED,
+            count=29,
+            timeout=30,
+            where=lambda b: b["order_no"] in {o["order_no"] for o in orders},
+        )
+        assert {c.body["order_no"] for c in cancelled} == {o["order_no"] for o in orders}
+        assert {(c.body["status"], c.body["reason"]) for c in cancelled} == {("CANCELLED", "PAYMENT_TIMEOUT")}
+        for order in orders:
+            released = events.one(Evt.STOCK_RELEASED, order_no=order["order_no"])
+            assert sorted((i["sku"], i["quantity"]) for i in released["items"]) == sorted(
+                [(tea, 1), (pot, 2)]
             )
-            # And the paid order is untouched, and the stock adds up
-            assert order_row(system, paid["order_no"])["status"] == "PAID"
-            for sku, sold in ((tea, 1), (pot, 2)):
-                counts = assert_stock_adds_up(system, sku)
-                assert (counts["locked"], counts["sold"]) == (0, sold)
-        finally:
-            events.stop()
+            assert order_row(system, order["order_no"])["status"] == "CANCELLED"
+            assert len(events.matching(Evt.ORDER_CANCELLED, order_no=order["order_no"])) == 1
+        with_coupon = [c.body for c in cancelled if c.body["coupon_code"]]
+        assert len(with_coupon) == 10
+        assert system.db.scalar("SELECT count(*) FROM coupons WHERE state = 'HELD'") == 0
+        assert (
+            system.db.scalar(
+                "SELECT count(*) FROM order_timeline "
+                "WHERE action = 'PAYMENT_TIMEOUT' AND message_id IS NOT NULL"
+            )
+            == 29
+        )
+        # And the paid order is untouched, and the stock adds up
+        assert order_row(system, paid["order_no"])["status"] == "PAID"
+        for sku, sold in ((tea, 1), (pot, 2)):
+            counts = assert_stock_adds_up(system, sku)
+            assert (counts["locked"], counts["sold"]) == (0, sold)
 
 
 def test_a_timer_that_leaves_its_queue_early_is_held_until_due_even_across_a_restart() -> None:
     # TIMER_LEAD_MS: timers leave their delay queue early and wait in the timeouts consumer
-    with fresh_system(ORDER_PAYMENT_TIMEOUT="6s", TIMER_LEAD_MS="5000", SWEEPER_GRACE="60s") as system:
-        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE)
-        events = EventListener(system.amqp_url).start()
-        try:
-            # Given an unpaid order whose timer left its delay queue about 5 s before its deadline
-            sku = given_sku(system, events, price=1000, stock=5)
-            order_no = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
-            deadline = order_row(system, order_no)["pay_deadline"]
-            wait_until(
-                lambda: queue_counts(system.amqp_url, "order.timer.payment-timeout.6s")[0] == 0
-                and queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 0,
-                10,
-                "the timer to reach the timeouts consumer",
-            )
-            # When the consumer holding it stops before the deadline
-            system.stop(TIMEOUTS_QUEUE)
-            # Then the order was not cancelled early and the timer is back in the queue, unapplied
-            assert datetime.now(deadline.tzinfo) < deadline
-            assert order_row(system, order_no)["status"] == "PENDING_PAYMENT"
-            assert queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 1
-            assert not events.matching(Evt.ORDER_CANCELLED, order_no=order_no)
-            # And a new consumer holds it again and cancels the order at its deadline, not before
-            system.start(TIMEOUTS_QUEUE)
-            events.one(Evt.ORDER_CANCELLED, order_no=order_no, timeout=15)
-            row = order_row(system, order_no)
-            assert row["status"] == "CANCELLED" and row["cancelled_at"] >= deadline
-            assert (row["cancelled_at"] - deadline).total_seconds() < 2  # the timer, not the sweeper
-            assert system.db.scalar(
-                "SELECT message_id FROM order_timeline WHERE order_no = %s AND to_status = 'CANCELLED'",
-                order_no,
-            )
-        finally:
-            events.stop()
+    with own_system(
+        CATALOG_QUEUE,
+        PLACEMENT_QUEUE,
+        TIMEOUTS_QUEUE,
+        ORDER_PAYMENT_TIMEOUT="6s",
+        TIMER_LEAD_MS="5000",
+        SWEEPER_GRACE="60s",
+    ) as (system, events):
+        # Given an unpaid order whose timer left its delay queue about 5 s before its deadline
+        sku = given_sku(system, events, price=1000, stock=5)
+        order_no = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
+        deadline = order_row(system, order_no)["pay_deadline"]
+        wait_until(
+            lambda: queue_counts(system.amqp_url, "order.timer.payment-timeout.6s")[0] == 0
+            and queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 0,
+            10,
+            "the timer to reach the timeouts consumer",
+        )
+        # When the consumer holding it stops before the deadline
+        system.stop(TIMEOUTS_QUEUE)
+        # Then the order was not cancelled early and the timer is back in the queue, unapplied
+        assert datetime.now(deadline.tzinfo) < deadline
+        assert order_row(system, order_no)["status"] == "PENDING_PAYMENT"
+        assert queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 1
+        assert not events.matching(Evt.ORDER_CANCELLED, order_no=order_no)
+        # And a new consumer holds it again and cancels the order at its deadline, not before
+        system.start(TIMEOUTS_QUEUE)
+        events.one(Evt.ORDER_CANCELLED, order_no=order_no, timeout=15)
+        row = order_row(system, order_no)
+        assert row["status"] == "CANCELLED" and row["cancelled_at"] >= deadline
+        assert (row["cancelled_at"] - deadline).total_seconds() < 2  # the timer, not the sweeper
+        assert system.db.scalar(
+            "SELECT message_id FROM order_timeline WHERE order_no = %s AND to_status = 'CANCELLED'",
+            order_no,
+        )
 
 
 def test_the_timers_of_one_window_travel_as_one_message_and_keep_each_orders_correlation() -> None:
-    with fresh_system(ORDER_PAYMENT_TIMEOUT="2s", SWEEPER_GRACE="60s") as system:
-        system.start(CATALOG_QUEUE, TIMEOUTS_QUEUE, "order.payment")
-        events = EventListener(system.amqp_url).start()
-        try:
-            # Given 20 orders sent while placement is down, so that they are placed in one window
-            sku = given_sku(system, events, price=1000, stock=100)
-            sent: dict[str, str] = {}  # request_id -> the command's message id (its correlation id)
-            with system.publisher() as pub:
-                for _ in range(20):
-                    request_id = unique("req")
-                    body = {
-                        "request_id": request_id,
-                        "user_id": unique("user"),
-                        "order_type": "physical",
-                        "items": [{"sku": sku, "quantity": 1}],
-                        "receiver": RECEIVER,
-                    }
-                    sent[request_id] = pub.send(Cmd.ORDER_PLACE, body)
-            system.start(PLACEMENT_QUEUE)
-            created = events.wait_for(
-                Evt.ORDER_CREATED, count=20, timeout=20, where=lambda b: b["request_id"] in sent
-            )
-            order_of = {c.body["order_no"]: c.body["request_id"] for c in created}
-            # Then their payment timers are fewer messages than orders, each naming several refs
-            timers = system.db.query("SELECT body FROM outbox WHERE exchange = 'order.timers'")
-            refs = [ref for t in timers for ref in t["body"].get("refs", [t["body"].get("ref")])]
-            assert sorted(refs) == sorted(order_of)
-            assert len(timers) < 20
-            # When their deadline passes
-            cancelled = events.wait_for(
-                Evt.ORDER_CANCELLED, count=20, timeout=20, where=lambda b: b["order_no"] in order_of
-            )
-            # Then each order is cancelled once, on time, with its own command's correlation id
-            for event in cancelled:
-                order_no = event.body["order_no"]
-                assert event.properties.correlation_id == sent[order_of[order_no]]
-                assert len(events.matching(Evt.ORDER_CANCELLED, order_no=order_no)) == 1
-                released = events.one(Evt.STOCK_RELEASED, order_no=order_no)
-                assert [(i["sku"], i["quantity"]) for i in released["items"]] == [(sku, 1)]
-                row = order_row(system, order_no)
-                assert row["status"] == "CANCELLED" and row["cancelled_at"] >= row["pay_deadline"]
-            counts = assert_stock_adds_up(system, sku)
-            assert (counts["available"], counts["locked"]) == (100, 0)
-        finally:
-            events.stop()
+    with own_system(
+        CATALOG_QUEUE, TIMEOUTS_QUEUE, "order.payment", ORDER_PAYMENT_TIMEOUT="2s", SWEEPER_GRACE="60s"
+    ) as (system, events):
+        # Given 20 orders sent while placement is down, so that they are placed in one window
+        sku = given_sku(system, events, price=1000, stock=100)
+        sent: dict[str, str] = {}  # request_id -> the command's message id (its correlation id)
+        with system.publisher() as pub:
+            for _ in range(20):
+                request_id = unique("req")
+                body = {
+                    "request_id": request_id,
+                    "user_id": unique("user"),
+                    "order_type": "physical",
+                    "items": [{"sku": sku, "quantity": 1}],
+                    "receiver": RECEIVER,
+                }
+                sent[request_id] = pub.send(Cmd.ORDER_PLACE, body)
+        system.start(PLACEMENT_QUEUE)
+        created = events.wait_for(
+            Evt.ORDER_CREATED, count=20, timeout=20, where=lambda b: b["request_id"] in sent
+        )
+        order_of = {c.body["order_no"]: c.body["request_id"] for c in created}
+        # Then their payment timers are fewer messages than orders, each naming several refs
+        timers = system.db.query("SELECT body FROM outbox WHERE exchange = 'order.timers'")
+        refs = [ref for t in timers for ref in t["body"].get("refs", [t["body"].get("ref")])]
+        assert sorted(refs) == sorted(order_of)
+        assert len(timers) < 20
+        # When their deadline passes
+        cancelled = events.wait_for(
+            Evt.ORDER_CANCELLED, count=20, timeout=20, where=lambda b: b["order_no"] in order_of
+        )
+        # Then each order is cancelled once, on time, with its own command's correlation id
+        for event in cancelled:
+            order_no = event.body["order_no"]
+            assert event.properties.correlation_id == sent[order_of[order_no]]
+            assert len(events.matching(Evt.ORDER_CANCELLED, order_no=order_no)) == 1
+            released = events.one(Evt.STOCK_RELEASED, order_no=order_no)
+            assert [(i["sku"], i["quantity"]) for i in released["items"]] == [(sku, 1)]
+            row = order_row(system, order_no)
+            assert row["status"] == "CANCELLED" and row["cancelled_at"] >= row["pay_deadline"]
+        counts = assert_stock_adds_up(system, sku)
+        assert (counts["available"], counts["locked"]) == (100, 0)
 
 
 def test_a_due_timer_is_not_held_back_by_a_later_one_ahead_of_it_in_the_queue() -> None:
     # Each delay queue expires only at its head, so a timer can reach the timeouts consumer
     # behind one due later. Long timeouts here: only the two timers sent below fire.
-    with fresh_system(ORDER_PAYMENT_TIMEOUT="60s", TIMER_LEAD_MS="5000", SWEEPER_GRACE="60s") as system:
-        system.start(CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE)
-        events = EventListener(system.amqp_url).start()
-        try:
-            sku = given_sku(system, events, price=1000, stock=5)
-            late, early = (
-                place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
-                for _ in range(2)
-            )
-            # Given a timer due in 4 s that reached the consumer ahead of one due in 1 s
-            now = datetime.now(UTC)
-            late_due, early_due = now + timedelta(seconds=4), now + timedelta(seconds=1)
-            for order_no, due in ((late, late_due), (early, early_due)):
-                system.fire_timer(Timer.PAYMENT_TIMEOUT, {"ref": order_no, "due_at": due.isoformat()})
-            # Then the earlier one is applied at its due time, without waiting for the later one
-            events.one(Evt.ORDER_CANCELLED, order_no=early, timeout=10)
-            early_row = order_row(system, early)
-            assert early_due <= early_row["cancelled_at"] < late_due
-            assert order_row(system, late)["status"] == "PENDING_PAYMENT"
-            # And the later one, held unacked meanwhile, at its own
-            events.one(Evt.ORDER_CANCELLED, order_no=late, timeout=10)
-            assert order_row(system, late)["cancelled_at"] >= late_due
-            # Both were acked: a stopped consumer leaves nothing behind to be delivered again
-            system.stop(TIMEOUTS_QUEUE)
-            assert queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 0
-        finally:
-            events.stop()
+    with own_system(
+        CATALOG_QUEUE,
+        PLACEMENT_QUEUE,
+        TIMEOUTS_QUEUE,
+        ORDER_PAYMENT_TIMEOUT="60s",
+        TIMER_LEAD_MS="5000",
+        SWEEPER_GRACE="60s",
+    ) as (system, events):
+        sku = given_sku(system, events, price=1000, stock=5)
+        late, early = (
+            place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
+            for _ in range(2)
+        )
+        # Given a timer due in 4 s that reached the consumer ahead of one due in 1 s
+        now = datetime.now(UTC)
+        late_due, early_due = now + timedelta(seconds=4), now + timedelta(seconds=1)
+        for order_no, due in ((late, late_due), (early, early_due)):
+            system.fire_timer(Timer.PAYMENT_TIMEOUT, {"ref": order_no, "due_at": due.isoformat()})
+        # Then the earlier one is applied at its due time, without waiting for the later one
+        events.one(Evt.ORDER_CANCELLED, order_no=early, timeout=10)
+        early_row = order_row(system, early)
+        assert early_due <= early_row["cancelled_at"] < late_due
+        assert order_row(system, late)["status"] == "PENDING_PAYMENT"
+        # And the later one, held unacked meanwhile, at its own
+        events.one(Evt.ORDER_CANCELLED, order_no=late, timeout=10)
+        assert order_row(system, late)["cancelled_at"] >= late_due
+        # Both were acked: a stopped consumer leaves nothing behind to be delivered again
+        system.stop(TIMEOUTS_QUEUE)
+        assert queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 0
