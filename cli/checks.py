@@ -1,4 +1,4 @@
-"""`orders check`: the invariants I2-I4 of the README, verified on the database.
+"""`orders check`: the invariants I2-I5 of the README, verified on the database.
 
 Each check is one query returning the offending rows; an empty result means the invariant
 holds. All queries run in one REPEATABLE READ read-only transaction, so they see one
@@ -86,14 +86,75 @@ CHECKS: tuple[Check, ...] = (
         """,
     ),
     Check(
+        "shipped-units-stay-sold",
+        "I3",
+        "every order line of a child that ever shipped is still DEDUCTED (never released or restored)",
+        """
+        SELECT sl.order_no, sl.line_no, sl.child_order_no, sl.sku, sl.warehouse_id, sl.state
+        FROM stock_locks sl JOIN orders c ON c.order_no = sl.child_order_no
+        WHERE c.shipped_at IS NOT NULL AND sl.state <> 'DEDUCTED'
+        ORDER BY 1, 2
+        """,
+    ),
+    Check(
+        "unapplied-payment-refunded",
+        "I4",
+        "every payment that did not pay its order (late, or refused for its amount) is wholly behind "
+        "refunds that have not failed: no money kept",
+        """
+        SELECT pm.payment_no, pm.order_no, pm.amount, pm.outcome, pm.refundable
+        FROM payments pm
+        WHERE pm.outcome <> 'APPLIED' AND pm.refundable <> 0
+        ORDER BY 1
+        """,
+    ),
+    Check(
+        "closed-order-payment-refunded",
+        "I4",
+        "the payment of every CLOSED parent is wholly behind refunds that have not failed",
+        """
+        SELECT o.order_no, o.status, pm.payment_no, pm.amount, pm.refundable
+        FROM orders o JOIN payments pm ON pm.payment_no = o.payment_no
+        WHERE o.parent_no IS NULL AND o.status = 'CLOSED' AND pm.refundable <> 0
+        ORDER BY 1
+        """,
+    ),
+    Check(
+        "refunds-within-payment",
+        "I5",
+        "per payment, across the parent, its children and every flow: refunds not failed add up to "
+        "at most the payment, and its refundable balance is exactly what they leave",
+        """
+        WITH claimed AS (
+            SELECT payment_no, coalesce(sum(amount) FILTER (WHERE status <> 'FAILED'), 0) AS claimed
+            FROM refunds WHERE payment_no IS NOT NULL GROUP BY payment_no)
+        SELECT pm.payment_no, pm.order_no, pm.amount, coalesce(c.claimed, 0) AS claimed, pm.refundable
+        FROM payments pm LEFT JOIN claimed c ON c.payment_no = pm.payment_no
+        WHERE coalesce(c.claimed, 0) > pm.amount OR pm.refundable < 0
+           OR pm.refundable <> pm.amount - coalesce(c.claimed, 0)
+        ORDER BY 1
+        """,
+    ),
+    Check(
+        "refunds-name-a-payment",
+        "I5",
+        "every refund names a recorded payment it returns money of",
+        """
+        SELECT r.refund_no, r.order_no, r.source, r.amount, r.payment_no FROM refunds r
+        WHERE NOT EXISTS (SELECT 1 FROM payments pm WHERE pm.payment_no = r.payment_no)
+        ORDER BY 1
+        """,
+    ),
+    Check(
         "late-payment-refunded",
         "I4",
-        "every payment of a CANCELLED order has a LATE_PAYMENT refund for its payment_no",
+        "every payment of a CANCELLED order has a refund of it (LATE_PAYMENT, or PAYMENT_REJECTED)",
         """
         SELECT pm.payment_no, pm.order_no, pm.amount, pm.outcome
         FROM payments pm JOIN orders o ON o.order_no = pm.order_no
         WHERE o.status = 'CANCELLED' AND NOT EXISTS (
-            SELECT 1 FROM refunds r WHERE r.source = 'LATE_PAYMENT' AND r.source_ref = pm.payment_no)
+            SELECT 1 FROM refunds r
+            WHERE r.source IN ('LATE_PAYMENT', 'PAYMENT_REJECTED') AND r.source_ref = pm.payment_no)
         ORDER BY 1
         """,
     ),

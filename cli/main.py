@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from cli import render, views
 from cli.format import describe_error, parse_since, to_json
+from domain.errors import Refusal
 from settings import Settings, load_settings
 from store.db import make_engine
 
@@ -199,7 +200,7 @@ def parking_replay(
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every parked message.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Send parked commands back through their original exchange and routing key, then remove them."""
+    """Send parked commands back through order.commands with their recorded routing key, then remove them."""
     from cli import parking
 
     if bool(message_ids) == replay_all:
@@ -225,7 +226,7 @@ def parking_replay(
 
 @app.command()
 def check(as_json: JsonOption = False) -> None:
-    """Verify invariants I2-I4 on the database; exits 1 listing the offending rows when one fails."""
+    """Verify invariants I2-I5 on the database; exits 1 listing the offending rows when one fails."""
     from cli.checks import run_checks
 
     with _database(_settings()) as engine:
@@ -265,7 +266,10 @@ def refund_retry(refund_no: Annotated[str, typer.Argument(help="A FAILED refund.
                 consumer="cli", message_id=None, correlation_id=correlation_id, routing_key="refund.retry"
             )
             uow = UnitOfWork(conn, envelope, datetime.now(UTC))
-            retried = retry_refund(uow, refund_no, actor="cli")
+            try:
+                retried = retry_refund(uow, refund_no, actor="cli")
+            except Refusal as refusal:  # its amount was refunded another way meanwhile
+                fail(f"refund {refund_no} cannot be submitted again: {refusal.detail}")
             uow.flush()
         if not retried:
             with engine.connect() as conn:

@@ -35,12 +35,22 @@ ITEM_COLUMNS = (
     "line_total",
     "child_order_no",
 )
-PAYMENT_COLUMNS = ("payment_no", "order_no", "method", "amount", "paid_at", "outcome", "received_at")
+PAYMENT_COLUMNS = (
+    "payment_no",
+    "order_no",
+    "method",
+    "amount",
+    "refundable",
+    "paid_at",
+    "outcome",
+    "received_at",
+)
 REFUND_COLUMNS = (
     "refund_no",
     "order_no",
     "source",
     "source_ref",
+    "payment_no",
     "amount",
     "status",
     "provider_refund_no",

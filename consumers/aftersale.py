@@ -33,7 +33,7 @@ from settings import Settings
 from store import aftersales as store
 from store import numbers
 from store.orders import derive_parent, items_of, load_order, refusal_subject, require_order, transition
-from store.refunds import request_refund, retry_refund
+from store.refunds import refundable_balance, request_refund, retry_refund
 from store.stock import restore_stock
 from store.uow import UnitOfWork
 
@@ -156,9 +156,9 @@ class AfterSales:
             raise Refusal(
                 Reason.INVALID_STATE, f"order {order.order_no} is {order.status}", order_no=order.order_no
             )
-        self._approve(uow, aftersale, f"merchant:{cmd.merchant_id}")
+        self._approve(uow, aftersale, order, f"merchant:{cmd.merchant_id}")
 
-    def _approve(self, uow: UnitOfWork, aftersale: Row[Any], actor: str) -> None:
+    def _approve(self, uow: UnitOfWork, aftersale: Row[Any], order: Row[Any], actor: str) -> None:
         status = store.move_aftersale(uow, aftersale, APPROVAL[aftersale.kind], actor)
         uow.emit(
             Evt.AFTERSALE_APPROVED,
@@ -172,11 +172,18 @@ class AfterSales:
             },
         )
         if status == AfterSaleStatus.AWAITING_REFUND:
-            self._refund(uow, aftersale, actor)
+            self._refund(uow, aftersale, order, actor)
 
-    def _refund(self, uow: UnitOfWork, aftersale: Row[Any], actor: str) -> None:
+    def _refund(self, uow: UnitOfWork, aftersale: Row[Any], order: Row[Any], actor: str) -> None:
+        """Request the after-sale's refund, claimed from what remains of the order's payment."""
         refund_no = request_refund(
-            uow, aftersale.order_no, aftersale.amount, Reason.AFTERSALE, aftersale.aftersale_no, actor
+            uow,
+            aftersale.order_no,
+            aftersale.amount,
+            Reason.AFTERSALE,
+            aftersale.aftersale_no,
+            actor,
+            payment_no=order.payment_no,
         )
         store.set_refund_no(uow.conn, aftersale.aftersale_no, refund_no)
 
@@ -201,11 +208,11 @@ class AfterSales:
 
     def return_received(self, cmd: AftersaleReturnReceived, uow: UnitOfWork) -> None:
         """The returned goods arrived at the merchant: AWAITING_REFUND and the refund is requested."""
-        aftersale, _ = lock_claim(uow.conn, cmd.aftersale_no)
+        aftersale, order = lock_claim(uow.conn, cmd.aftersale_no)
         require_merchant(aftersale, cmd.merchant_id, aftersale.merchant_id)
         actor = f"merchant:{cmd.merchant_id}"
         store.move_aftersale(uow, aftersale, AfterSaleAction.RETURN_RECEIVED, actor)
-        self._refund(uow, aftersale, actor)
+        self._refund(uow, aftersale, order, actor)
 
     def review_timeout_fired(self, uow: UnitOfWork, aftersale_no: str) -> None:
         """Timer AFTERSALE_REVIEW: the merchant did not answer in time, so the system approves."""
@@ -215,11 +222,16 @@ class AfterSales:
             return  # unknown: nothing to do
         if not can(AFTERSALE_TRANSITIONS, aftersale.status, APPROVAL[aftersale.kind]):
             return  # answered or closed: nothing to do
-        if not can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE):
-            # The order was closed meanwhile: nothing is left to refund, so the claim lapses.
+        if aftersale.review_deadline > uow.now:
+            return  # a timer before the stored deadline (forged or misrouted) changes nothing
+        short = aftersale.kind == REFUND_ONLY and aftersale.amount > refundable_balance(
+            uow.conn, order.payment_no
+        )
+        if short or not can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE):
+            # The order was closed, or its money refunded another way, meanwhile: the claim lapses.
             store.move_aftersale(uow, aftersale, AfterSaleAction.CLOSE, SYSTEM)
             return
-        self._approve(uow, aftersale, SYSTEM)
+        self._approve(uow, aftersale, order, SYSTEM)
 
     def aftersale_refunded(self, uow: UnitOfWork, refund: Any) -> None:
         """Refund follow-up AFTERSALE: SUCCEEDED, and the order closed if it is now fully refunded."""
@@ -287,7 +299,7 @@ class AfterSales:
                 Reason.INVALID_STATE, f"order {order.order_no} is {order.status}", order_no=order.order_no
             )
         # Claims not yet behind a refund are void: the whole remainder is refunded now.
-        for claim in store.open_unrefunded(conn, order.order_no):
+        for claim in store.open_unrefunded(conn, [order.order_no]):
             store.move_aftersale(uow, claim, AfterSaleAction.CLOSE, actor)
         amount = store.refundable(conn, order)
         if amount <= 0:
@@ -305,7 +317,15 @@ class AfterSales:
             actor,
             {"reason": cmd.reason, "amount": amount},
         )
-        refund_no = request_refund(uow, order.order_no, amount, Reason.MERCHANT_CANCEL, order.order_no, actor)
+        refund_no = request_refund(
+            uow,
+            order.order_no,
+            amount,
+            Reason.MERCHANT_CANCEL,
+            order.order_no,
+            actor,
+            payment_no=order.payment_no,
+        )
         store.advance_cancellation(
             uow, order.order_no, store.STEP_REFUND_REQUESTED, actor, refund_no=refund_no
         )

@@ -271,6 +271,8 @@ class Fulfillment:
         order = load_order(uow.conn, order_no)
         if order is None or not can(ORDER_TRANSITIONS, order.status, OrderAction.CONFIRM_RECEIPT):
             return  # confirmed, closed or unknown: the timer has nothing left to do
+        if order.shipped_at is None or order.shipped_at + self.auto_confirm_after > uow.now:
+            return  # a timer before the stored deadline (forged or misrouted) changes nothing
         self._complete(uow, order, SYSTEM, auto=True)
 
     def _complete(self, uow: UnitOfWork, order: Row[Any], actor: str, auto: bool) -> None:

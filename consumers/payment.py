@@ -24,6 +24,7 @@ from domain.names import COMMANDS_EXCHANGE, PAYMENT_QUEUE, Cmd, Evt, Timer
 from domain.status import (
     ORDER_TRANSITIONS,
     REFUND_TRANSITIONS,
+    AfterSaleAction,
     OrderAction,
     OrderStatus,
     RefundAction,
@@ -32,6 +33,7 @@ from domain.status import (
     next_order_status,
 )
 from settings import Settings
+from store import aftersales as store_aftersales
 from store import coupons, numbers
 from store import tables as t
 from store.orders import (
@@ -44,7 +46,7 @@ from store.orders import (
     require_order,
     transition,
 )
-from store.refunds import load_refund, open_refunds, request_refund, settle
+from store.refunds import load_refund, open_refunds, refundable_balance, request_refund, settle
 from store.stock import (
     StockMove,
     assign_child,
@@ -63,7 +65,11 @@ class PaymentOutcome:
 
     APPLIED: Final = "APPLIED"  # paid the order
     LATE_REFUNDED: Final = "LATE_REFUNDED"  # the order was cancelled or already paid: refunded
-    REJECTED: Final = "REJECTED"  # the amount did not match: kept for reconciliation
+    REJECTED: Final = "REJECTED"  # the amount did not match: refunded (PAYMENT_REJECTED)
+
+
+# Refunds of a payment that never paid the order: they return none of the order's paid amount.
+UNAPPLIED_PAYMENT_REFUNDS: Final = frozenset({Reason.LATE_PAYMENT, Reason.PAYMENT_REJECTED})
 
 
 PAYMENT_PROVIDER: Final = "payment-provider"
@@ -79,9 +85,7 @@ CANCEL_REQUESTED: Final = "CANCEL_REQUESTED"
 REFUND_SUCCEEDED: Final = "REFUND_SUCCEEDED"
 REFUND_FAILED: Final = "REFUND_FAILED"
 LATE_PAYMENT_REFUNDED: Final = "LATE_PAYMENT_REFUNDED"
-
-# A parent with a child in one of these statuses has goods on their way: too late to cancel.
-_SHIPPED: Final = frozenset({OrderStatus.SHIPPED, OrderStatus.COMPLETED})
+REJECTED_PAYMENT_REFUNDED: Final = "REJECTED_PAYMENT_REFUNDED"
 
 
 def _user(user_id: str) -> str:
@@ -218,6 +222,8 @@ def fire_payment_timeout(uow: UnitOfWork, order_no: str) -> None:
     order = load_order(uow.conn, order_no)
     if order is None or not can(ORDER_TRANSITIONS, order.status, OrderAction.PAYMENT_TIMEOUT):
         return
+    if order.pay_deadline is None or order.pay_deadline > uow.now:
+        return  # a timer before the stored deadline (forged or misrouted) changes nothing
     cancel_unpaid(uow, order, OrderAction.PAYMENT_TIMEOUT, Reason.PAYMENT_TIMEOUT, PAYMENT_TIMER)
 
 
@@ -239,12 +245,17 @@ def fire_payment_timeouts(conn: Connection, now: datetime, timers: list[tuple[st
                 t.orders.c.coupon_code,
                 t.orders.c.status,
                 t.orders.c.parent_no,
+                t.orders.c.pay_deadline,
             )
             .where(t.orders.c.order_no.in_(list(envelopes)))
             .order_by(t.orders.c.order_no)
             .with_for_update()
         )
-        if row.status == OrderStatus.PENDING_PAYMENT and row.parent_no is None
+        if row.status == OrderStatus.PENDING_PAYMENT
+        and row.parent_no is None
+        # Never before the stored deadline, whatever the timer message says.
+        and row.pay_deadline is not None
+        and row.pay_deadline <= now
     ]
     if not cancelled:
         return
@@ -411,7 +422,15 @@ class PaymentFlows:
             PAYMENT_PROVIDER,
             {"payment_no": cmd.payment_no, "amount": cmd.amount},
         )
-        request_refund(uow, order.order_no, cmd.amount, Reason.LATE_PAYMENT, cmd.payment_no, PAYMENT_PROVIDER)
+        request_refund(
+            uow,
+            order.order_no,
+            cmd.amount,
+            Reason.LATE_PAYMENT,
+            cmd.payment_no,
+            PAYMENT_PROVIDER,
+            payment_no=cmd.payment_no,
+        )
 
     @staticmethod
     def _record_payment(uow: UnitOfWork, cmd: PaymentNotify, outcome: str) -> None:
@@ -423,6 +442,7 @@ class PaymentFlows:
                 amount=cmd.amount,
                 paid_at=cmd.paid_at,
                 outcome=outcome,
+                refundable=cmd.amount,
                 raw=dict(uow.envelope.body),
                 received_at=uow.now,
             )
@@ -430,9 +450,10 @@ class PaymentFlows:
 
     @staticmethod
     def refuse_payment(cmd: PaymentNotify, refusal: Refusal, uow: UnitOfWork) -> None:
-        """Announce payment.rejected; a payment of the wrong amount is kept for reconciliation."""
+        """Announce payment.rejected; a signed payment of the wrong amount was still taken from
+        the buyer, so it is recorded and refunded in full (PAYMENT_REJECTED)."""
         if refusal.reason == Reason.AMOUNT_MISMATCH:
-            uow.conn.execute(
+            recorded = uow.conn.execute(
                 pg_insert(t.payments)
                 .values(
                     payment_no=cmd.payment_no,
@@ -441,11 +462,12 @@ class PaymentFlows:
                     amount=cmd.amount,
                     paid_at=cmd.paid_at,
                     outcome=PaymentOutcome.REJECTED,
+                    refundable=cmd.amount,
                     raw=dict(uow.envelope.body),
                     received_at=uow.now,
                 )
                 .on_conflict_do_nothing()
-            )
+            ).rowcount
             uow.record(
                 cmd.order_no,
                 PAYMENT_REFUSED,
@@ -454,6 +476,16 @@ class PaymentFlows:
                 PAYMENT_PROVIDER,
                 {"payment_no": cmd.payment_no, "amount": cmd.amount, "reason": refusal.reason},
             )
+            if recorded:
+                request_refund(
+                    uow,
+                    cmd.order_no,
+                    cmd.amount,
+                    Reason.PAYMENT_REJECTED,
+                    cmd.payment_no,
+                    PAYMENT_PROVIDER,
+                    payment_no=cmd.payment_no,
+                )
         uow.emit(
             Evt.PAYMENT_REJECTED,
             {
@@ -484,22 +516,28 @@ class PaymentFlows:
         if can(ORDER_TRANSITIONS, order.status, OrderAction.USER_CANCEL):
             cancel_unpaid(uow, order, OrderAction.USER_CANCEL, Reason.USER, actor)
             return
-        shipped = [c.order_no for c in children if c.status in _SHIPPED]
-        if order.status in _SHIPPED or shipped:
+        # Once goods have left a warehouse the order can no longer be cancelled, even if that
+        # child was closed later (its units stay sold): after-sales take it from there.
+        shipped = [c.order_no for c in children if c.shipped_at is not None]
+        if order.shipped_at is not None or shipped:
             raise Refusal(Reason.ALREADY_SHIPPED, f"already shipped: {', '.join(shipped) or order.order_no}")
         if order.status != OrderStatus.PAID or order.order_type == "virtual":
             raise Refusal(Reason.INVALID_STATE, f"order {order.order_no} is {order.status}")
         pending = [
             r
             for r in open_refunds(uow, [order.order_no, *(c.order_no for c in children)])
-            if r.source != Reason.LATE_PAYMENT  # returns another payment, not this order's money
+            if r.payment_no == order.payment_no  # a late payment's refund returns another payment
         ]
         if pending:
             raise Refusal(
                 Reason.INVALID_STATE, f"refund {pending[0].refund_no} of this order is still under way"
             )
-        # Whatever was already refunded on a child (an after-sale, a merchant cancel) is not refunded twice.
-        amount = order.paid_amount - order.refunded_amount - sum(c.refunded_amount for c in children)
+        # After-sales not yet behind a refund are void: the cancellation refunds everything left.
+        for claim in store_aftersales.open_unrefunded(conn, [c.order_no for c in children]):
+            store_aftersales.move_aftersale(uow, claim, AfterSaleAction.CLOSE, actor)
+        # What remains of the payment: whatever a child already had back (an after-sale, a
+        # merchant cancel) is not refunded twice.
+        amount = refundable_balance(conn, order.payment_no, lock=True)
         if amount <= 0:
             raise Refusal(Reason.INVALID_STATE, f"nothing left to refund on {order.order_no}")
         uow.record(
@@ -510,7 +548,15 @@ class PaymentFlows:
             actor,
             {"reason": cmd.reason, "amount": amount},
         )
-        request_refund(uow, order.order_no, amount, Reason.USER_CANCEL, order.order_no, actor)
+        request_refund(
+            uow,
+            order.order_no,
+            amount,
+            Reason.USER_CANCEL,
+            order.order_no,
+            actor,
+            payment_no=order.payment_no,
+        )
 
     @staticmethod
     def refuse_cancel(cmd: OrderCancel, refusal: Refusal, uow: UnitOfWork) -> None:
@@ -540,7 +586,14 @@ class PaymentFlows:
         action = RefundAction.SUCCEED if cmd.status == RefundStatus.SUCCEEDED else RefundAction.FAIL
         if not can(REFUND_TRANSITIONS, refund.status, action):
             return  # already settled this way (or succeeded, which a late failure cannot undo)
-        status = settle(uow, refund, action, cmd.provider_refund_no)
+        try:
+            status = settle(uow, refund, action, cmd.provider_refund_no)
+        except Refusal as refusal:
+            # The provider paid out a refund it had reported failed, after its amount went back
+            # and was refunded another way: an operator must reconcile it with the provider.
+            raise ParkCommand(
+                Reason.REFUND_CONFLICT, f"refund.result {cmd.refund_no}: {refusal.detail}"
+            ) from None
         body = {
             "refund_no": refund.refund_no,
             "order_no": refund.order_no,
@@ -555,8 +608,8 @@ class PaymentFlows:
             uow.emit(Evt.REFUND_FAILED, body)
             return
         children_of(uow.conn, refund.order_no, lock=True)  # children before their parent
-        if refund.source != Reason.LATE_PAYMENT:
-            # A late payment was never part of the order's paid amount: returning it refunds none of it.
+        if refund.source not in UNAPPLIED_PAYMENT_REFUNDS:
+            # A late or refused payment never paid the order: returning it refunds none of it.
             add_refunded(uow, refund.order_no, refund.amount)
         uow.record(refund.order_no, REFUND_SUCCEEDED, None, None, REFUND_PROVIDER, body)
         uow.emit(Evt.REFUND_SUCCEEDED, body)
@@ -602,10 +655,10 @@ def close_cancelled_order(uow: UnitOfWork, refund: Row[Any]) -> None:
 
 
 def note_late_payment_refunded(uow: UnitOfWork, refund: Row[Any]) -> None:
-    """A late payment went back to the payer: only the timeline needs to know."""
+    """A late (or refused) payment went back to the payer: only the timeline needs to know."""
     uow.record(
         refund.order_no,
-        LATE_PAYMENT_REFUNDED,
+        LATE_PAYMENT_REFUNDED if refund.source == Reason.LATE_PAYMENT else REJECTED_PAYMENT_REFUNDED,
         None,
         None,
         REFUND_PROVIDER,
@@ -637,4 +690,8 @@ def timer_kinds(settings: Settings) -> list[TimerKind]:
 
 def refund_followups(settings: Settings) -> dict[str, RefundFollowup]:
     """What happens after a refund of each source this module creates succeeds."""
-    return {Reason.USER_CANCEL: close_cancelled_order, Reason.LATE_PAYMENT: note_late_payment_refunded}
+    return {
+        Reason.USER_CANCEL: close_cancelled_order,
+        Reason.LATE_PAYMENT: note_late_payment_refunded,
+        Reason.PAYMENT_REJECTED: note_late_payment_refunded,
+    }

@@ -28,6 +28,9 @@ class Reason:
     LATE_PAYMENT: Final = "LATE_PAYMENT"
     AFTERSALE: Final = "AFTERSALE"
     MERCHANT_CANCEL: Final = "MERCHANT_CANCEL"
+    PAYMENT_REJECTED: Final = "PAYMENT_REJECTED"
+    # A refund.result that would refund more than remains of its payment (parked for an operator).
+    REFUND_CONFLICT: Final = "REFUND_CONFLICT"
     # Cancel reasons.
     USER: Final = "USER"
     PAYMENT_TIMEOUT: Final = "PAYMENT_TIMEOUT"
@@ -45,6 +48,12 @@ class RejectCode:
     UNSUPPORTED_CONTENT_TYPE: Final = "UNSUPPORTED_CONTENT_TYPE"
     UNKNOWN_SKU: Final = "UNKNOWN_SKU"
     RETRIES_EXHAUSTED: Final = "RETRIES_EXHAUSTED"
+    # Contract v1.1 limits on every message (consumers/wire.py).
+    CONTROL_CHARACTER: Final = "CONTROL_CHARACTER"  # in a body string or key, a property or a header
+    NESTING_TOO_DEEP: Final = "NESTING_TOO_DEEP"  # body (or a header table) over 32 levels deep
+    INVALID_MESSAGE_ID: Final = "INVALID_MESSAGE_ID"  # not at most 255 printable characters
+    INVALID_CORRELATION_ID: Final = "INVALID_CORRELATION_ID"  # not at most 255 printable characters
+    INVALID_PROPERTY: Final = "INVALID_PROPERTY"  # a string property, header name or routing key not UTF-8
 
 
 class Refusal(Exception):

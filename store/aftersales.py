@@ -8,14 +8,10 @@ from typing import Any
 from sqlalchemy import Connection, Row, func, insert, select, update
 
 from domain.errors import ConcurrentUpdate, Reason, Refusal
-from domain.status import AfterSaleAction, AfterSaleStatus, RefundStatus, next_aftersale_status
+from domain.status import AfterSaleAction, AfterSaleStatus, next_aftersale_status
 from store import tables as t
+from store.refunds import PENDING_REFUNDS, UNREFUNDED_OPEN, promised_claims, refundable_balance
 from store.uow import UnitOfWork
-
-# After-sales whose amount is promised but not yet behind a refund row.
-UNREFUNDED_OPEN = (AfterSaleStatus.PENDING_REVIEW, AfterSaleStatus.AWAITING_RETURN)
-# Refunds that may still pay out (a failed one can be retried).
-PENDING_REFUNDS = (RefundStatus.REQUESTED, RefundStatus.FAILED)
 
 # Steps of the merchant-cancel operation record.
 STEP_REFUND_REQUESTED = "REFUND_REQUESTED"
@@ -24,7 +20,9 @@ STEP_CLOSED = "CLOSED"
 
 
 def refundable(conn: Connection, order: Row[Any]) -> int:
-    """What may still be refunded on an order: paid, less refunded, pending refunds and open claims."""
+    """What may still be refunded on an order: paid, less refunded, pending refunds and open
+    claims; and never more than what remains of its payment once every other claim on that
+    payment (the parent's cancellation, the other children's after-sales) is counted."""
     pending = conn.execute(
         select(func.coalesce(func.sum(t.refunds.c.amount), 0)).where(
             t.refunds.c.order_no == order.order_no, t.refunds.c.status.in_(PENDING_REFUNDS)
@@ -35,7 +33,9 @@ def refundable(conn: Connection, order: Row[Any]) -> int:
             t.aftersales.c.order_no == order.order_no, t.aftersales.c.status.in_(UNREFUNDED_OPEN)
         )
     ).scalar_one()
-    return int(order.paid_amount) - int(order.refunded_amount) - int(pending) - int(claimed)
+    own = int(order.paid_amount) - int(order.refunded_amount) - int(pending) - int(claimed)
+    of_payment = refundable_balance(conn, order.payment_no) - promised_claims(conn, order.payment_no)
+    return min(own, of_payment)
 
 
 def load_aftersale(conn: Connection, aftersale_no: str, lock: bool = True) -> Row[Any] | None:
@@ -107,12 +107,12 @@ def move_aftersale(
     return to_status
 
 
-def open_unrefunded(conn: Connection, order_no: str) -> list[Row[Any]]:
-    """An order's after-sales still open and not yet behind a refund, locked."""
+def open_unrefunded(conn: Connection, order_nos: list[str]) -> list[Row[Any]]:
+    """These orders' after-sales still open and not yet behind a refund, locked."""
     return list(
         conn.execute(
             select(t.aftersales)
-            .where(t.aftersales.c.order_no == order_no, t.aftersales.c.status.in_(UNREFUNDED_OPEN))
+            .where(t.aftersales.c.order_no.in_(order_nos), t.aftersales.c.status.in_(UNREFUNDED_OPEN))
             .order_by(t.aftersales.c.aftersale_no)
             .with_for_update()
         ).all()

@@ -202,7 +202,10 @@ payments = Table(
     Column("method", String(64), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("paid_at", DateTime(timezone=True), nullable=False),
-    Column("outcome", String(32), nullable=False),  # APPLIED | LATE_REFUNDED
+    Column("outcome", String(32), nullable=False),  # APPLIED | LATE_REFUNDED | REJECTED
+    # What may still be refunded of this payment: every refund claims from it under the row
+    # lock, a failed refund gives its amount back (store.refunds).
+    Column("refundable", BigInteger, nullable=False, server_default="0"),
     Column("raw", JSONB, nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("ix_payments_order", "order_no"),
@@ -215,6 +218,7 @@ refunds = Table(
     Column("order_no", ID, nullable=False),
     Column("source", String(32), nullable=False),  # USER_CANCEL|LATE_PAYMENT|AFTERSALE|MERCHANT_CANCEL
     Column("source_ref", ID, nullable=False),  # payment_no, aftersale_no, merchant-cancel id, order_no
+    Column("payment_no", ID, nullable=True),  # the payment this refund returns money of
     Column("amount", BigInteger, nullable=False),
     Column("status", String(16), nullable=False),
     Column("provider_refund_no", ID, nullable=True),
@@ -223,6 +227,7 @@ refunds = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     UniqueConstraint("source", "source_ref", name="uq_refunds_source"),
     Index("ix_refunds_order", "order_no"),
+    Index("ix_refunds_payment", "payment_no"),
 )
 
 aftersales = Table(

@@ -308,7 +308,7 @@ def test_check_passes_on_a_healthy_system(system: System, events: EventListener)
     report = json.loads(result.stdout)
     assert result.returncode == 0, report
     assert report["ok"] is True
-    assert {c["invariant"] for c in report["checks"]} == {"I2", "I3", "I4"}
+    assert {c["invariant"] for c in report["checks"]} == {"I2", "I3", "I4", "I5"}
     assert "PASS" in system.orders("check").stdout
 
 
