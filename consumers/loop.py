@@ -9,13 +9,13 @@ in the buffer, unacked, while later deliveries are applied and acked one by one:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,9 +28,18 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pydantic import ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_delay,
+    wait_exponential,
+    wait_random_exponential,
+)
 
 import metrics
+from consumers import wire
 from consumers.schemas import Command, describe_errors
 from domain import names as n
 from domain.errors import ConcurrentUpdate, ParkCommand, Refusal, RejectCode
@@ -116,21 +125,52 @@ class Parsed:
     rejection: tuple[str, str] | None = None  # (code, readable reason)
 
 
-def _original_routing_key(method_key: str, headers: Mapping[str, Any]) -> str:
+def _from_retry(method_exchange: str) -> bool:
+    """Whether a delivery came back through the service's own retry queues.
+
+    Only those carry x-original-* headers the service wrote itself (`_publish_retry` overwrites
+    them before the retry queue dead-letters the message to RETRY_RETURN_EXCHANGE). On any other
+    delivery the headers are the producer's, and a producer never chooses the routing key or
+    exchange a command is handled (or parked, or replayed) under.
+    """
+    return method_exchange == n.RETRY_RETURN_EXCHANGE
+
+
+def _original_routing_key(method_exchange: str, method_key: str, headers: Mapping[str, Any]) -> str:
+    """The routing key the message was first delivered with: the delivery's own key, or for a
+    message back from a retry queue, the key the service recorded when it sent it there."""
     value = headers.get(n.ORIGINAL_ROUTING_KEY_HEADER)
-    return value if isinstance(value, str) else method_key
+    return value if _from_retry(method_exchange) and isinstance(value, str) else method_key
 
 
 def _original_exchange(method_exchange: str, headers: Mapping[str, Any]) -> str:
+    """The exchange the message was first delivered from (as for `_original_routing_key`)."""
     value = headers.get(n.ORIGINAL_EXCHANGE_HEADER)
-    return value if isinstance(value, str) else method_exchange
+    return value if _from_retry(method_exchange) and isinstance(value, str) else method_exchange
+
+
+# Bookkeeping headers only the service writes (on its way to a retry queue or the parking lot).
+_SERVICE_HEADERS = frozenset(
+    {
+        n.ORIGINAL_ROUTING_KEY_HEADER,
+        n.ORIGINAL_EXCHANGE_HEADER,
+        n.ORIGINAL_QUEUE_HEADER,
+        n.ATTEMPTS_HEADER,
+        n.LAST_ERROR_HEADER,
+    }
+)
 
 
 def make_delivery(method: Any, properties: pika.BasicProperties, body: bytes) -> Delivery:
     headers = properties.headers or {}
+    if not _from_retry(method.exchange) and not _SERVICE_HEADERS.isdisjoint(headers):
+        # A producer's copy of the service's bookkeeping means nothing (a forged x-attempts
+        # would skip retries, a forged x-original-* would be kept on a retried or parked copy).
+        headers = {key: value for key, value in headers.items() if key not in _SERVICE_HEADERS}
+        properties.headers = headers
     return Delivery(
         tag=method.delivery_tag,
-        routing_key=_original_routing_key(method.routing_key, headers),
+        routing_key=_original_routing_key(method.exchange, method.routing_key, headers),
         exchange=_original_exchange(method.exchange, headers),
         properties=properties,
         body=body,
@@ -173,7 +213,13 @@ def ack_plan(window_tags: Sequence[int], first_held: int | None) -> tuple[int | 
 
 
 def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
-    """Check a delivery against the contract; a failure carries a code and a readable reason."""
+    """Check a delivery against the contract; a failure carries a code and a readable reason.
+
+    Everything here comes before any database work: the wire limits (consumers/wire.py:
+    control characters, nesting, message ids) included, so that nothing PostgreSQL would
+    refuse reaches it. Hostile text quoted in a reason is escaped.
+    """
+    from consumers import wire
 
     def reject(code: str, reason: str) -> Parsed:
         return Parsed(delivery, rejection=(code, reason))
@@ -181,6 +227,13 @@ def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
     props = delivery.properties
     if not delivery.message_id:
         return reject(RejectCode.MISSING_MESSAGE_ID, "the message has no message_id property")
+    problem = (
+        wire.properties_problem(props)
+        or wire.check_text(delivery.routing_key, "routing key")
+        or wire.check_text(delivery.exchange, "exchange")
+    )
+    if problem:
+        return reject(*problem)
     if len(delivery.body) > n.MAX_BODY_BYTES:
         return reject(
             RejectCode.BODY_TOO_LARGE,
@@ -195,15 +248,15 @@ def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
     if type(version) is not int or version != n.SCHEMA_VERSION:
         return reject(
             RejectCode.UNSUPPORTED_SCHEMA_VERSION,
-            f"{n.SCHEMA_VERSION_HEADER} is {version!r}; only {n.SCHEMA_VERSION} is supported",
+            f"{n.SCHEMA_VERSION_HEADER} is {wire.printable(repr(version), 80)}; "
+            f"only {n.SCHEMA_VERSION} is supported",
         )
     route = routes.get(delivery.routing_key)
     if route is None:
         return reject(RejectCode.UNKNOWN_ROUTING_KEY, f"no command is named {delivery.routing_key!r}")
-    try:
-        raw = json.loads(delivery.body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return reject(RejectCode.INVALID_JSON, f"body is not UTF-8 JSON: {exc}")
+    raw, problem = wire.parse_body(delivery.body)
+    if problem:
+        return reject(*problem)
     if not isinstance(raw, dict):
         return reject(RejectCode.INVALID_JSON, f"body is JSON {type(raw).__name__}, not an object")
     try:
@@ -243,6 +296,10 @@ Outcome = Applied | Duplicate | Park | Retry
 
 class NeedsSavepoints(Exception):
     """A message of an optimistic window was refused, parked or failed: redo it with savepoints."""
+
+
+class _DatabaseDown(Exception):
+    """The database stopped answering while a window's messages were applied one by one."""
 
 
 class WindowFailed(Exception):
@@ -462,15 +519,7 @@ class WindowApplier:
     ) -> Outcome:
         log.warning("command rejected", extra={"code": code, "reason": reason})
         uow.buffer = own
-        uow.emit(
-            n.Evt.COMMAND_REJECTED,
-            {
-                "message_id": uow.envelope.message_id,
-                "routing_key": uow.envelope.routing_key,
-                "code": code,
-                "reason": reason,
-            },
-        )
+        uow.emit(n.Evt.COMMAND_REJECTED, rejected_body(uow.envelope, code, reason))
         uow.flush()
         buffer.merge(own)
         return Park(code, reason)
@@ -488,11 +537,16 @@ class WindowApplier:
 
     def _envelope(self, parsed: Parsed) -> Envelope:
         d = parsed.delivery
+        message_id = wire.printable(d.message_id, wire.MAX_ID_CHARS) if d.message_id else None
+        # A rejected message's ids may be hostile: they go into the outbox escaped.
+        correlation_id = d.properties.correlation_id
         return Envelope(
             consumer=self.spec.queue,
-            message_id=d.message_id,
-            correlation_id=d.properties.correlation_id or d.message_id,
-            routing_key=d.routing_key,
+            message_id=message_id,
+            correlation_id=wire.printable(correlation_id, wire.MAX_ID_CHARS)
+            if correlation_id
+            else message_id,
+            routing_key=wire.printable(d.routing_key, wire.MAX_ID_CHARS),
             body=parsed.raw or {},
         )
 
@@ -579,27 +633,82 @@ class WindowApplier:
         log.warning("command rejected", extra={"code": code, "reason": reason})
         with conn.begin_nested():
             uow = UnitOfWork(conn, envelope, now)
-            uow.emit(
-                n.Evt.COMMAND_REJECTED,
-                {
-                    "message_id": envelope.message_id,
-                    "routing_key": envelope.routing_key,
-                    "code": code,
-                    "reason": reason,
-                },
-            )
+            uow.emit(n.Evt.COMMAND_REJECTED, rejected_body(envelope, code, reason))
             uow.flush()
         return Park(code, reason)
 
     def _failed(
         self, conn: Connection, envelope: Envelope, now: datetime, parsed: Parsed, exc: Exception
     ) -> Outcome:
-        error = f"{type(exc).__name__}: {exc}"[:1000]
+        error = error_summary(exc)
         log.error("handler failed", exc_info=exc, extra={"attempts": parsed.delivery.attempts})
         if parsed.delivery.attempts >= self.max_attempts:
+            # Not transient (those are retried as a window): a bug or content the code cannot take.
             reason = f"failed {parsed.delivery.attempts + 1} times; last error: {error}"
-            return self._park(conn, envelope, now, RejectCode.RETRIES_EXHAUSTED, reason)
+            return self._park(conn, envelope, now, RejectCode.INTERNAL_ERROR, reason)
         return Retry(error)
+
+    def database_up(self) -> bool:
+        """Whether the database answers at all (a window failing for a transient reason may be
+        the window's fault, or the database's: only the second is waited out)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except Exception as exc:
+            if is_transient(exc):
+                return False
+            raise
+
+    def wait_for_database(self, stopping: Callable[[], bool]) -> bool:
+        """Sleep (heartbeats going on) with jittered backoff until the database answers; False
+        when asked to stop first. An outage never counts against a message's retry budget."""
+        retrying = Retrying(
+            retry=retry_if_result(lambda up: up is False),
+            wait=wait_random_exponential(multiplier=0.5, max=15),
+            stop=lambda _state: stopping(),
+            sleep=self.sleep,
+            retry_error_callback=lambda _state: False,
+            before_sleep=lambda state: log.warning(
+                "database unavailable; holding the window unacked",
+                extra={"attempt": state.attempt_number, "retry_in_s": round(state.upcoming_sleep, 2)},
+            ),
+            after=lambda _state: metrics.transient_retry(self.spec.queue),
+        )
+        return bool(retrying(self.database_up))
+
+
+# Headers the service itself writes on a retried or parked copy.
+_SERVICE_WRITTEN = frozenset(
+    {
+        n.PARKING_REASON_HEADER,
+        n.PARKING_CODE_HEADER,
+        n.ORIGINAL_ROUTING_KEY_HEADER,
+        n.ORIGINAL_EXCHANGE_HEADER,
+        n.ORIGINAL_QUEUE_HEADER,
+        n.ATTEMPTS_HEADER,
+        n.LAST_ERROR_HEADER,
+        n.PARKED_AT_HEADER,
+    }
+)
+
+
+def rejected_body(envelope: Envelope, code: str, reason: str) -> dict[str, Any]:
+    """The body of `command.rejected`: hostile text in it is escaped (JSONB refuses NUL)."""
+    return {
+        "message_id": envelope.message_id,
+        "routing_key": envelope.routing_key,
+        "code": code,
+        "reason": wire.printable(reason, 2000, keep=wire.FREE_TEXT_WHITESPACE),
+    }
+
+
+def error_summary(exc: BaseException) -> str:
+    """`Type: message` and where it was raised (the last frames), escaped, for a parking reason."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames))
+    text = f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
+    return wire.printable(text, 1000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,6 +752,12 @@ def settle_parked(channel: BlockingChannel, delivery_tag: int, replayed: bool) -
 
 
 def parked_headers(delivery: Delivery, queue: str, code: str, reason: str) -> dict[str, Any]:
+    """The parked copy's headers: the message's own, and the service's record of why and where.
+
+    The routing key recorded here is the one the service saw the message delivered with
+    (`make_delivery`: never a producer's x-original-* header), and it is the only key a replay
+    uses (`cli.format.replay_target`); replays always go to order.commands.
+    """
     headers = delivery.headers
     headers.update(
         {
@@ -798,17 +913,10 @@ class ConsumerProcess:
         """Apply, republish what is parked or retried, then ack (deliveries from tag `first_held`
         on stay in the buffer, unacked)."""
         started = metrics.window_received(self.spec, window)
-        parsed = [validate(d, self.spec.routes) for d in window]
-        try:
-            outcomes = applier.apply(parsed)
-        except WindowFailed as exc:
-            # One message may be failing the whole window: apply each alone, so only the
-            # failing ones (or all, if the database is down) go on to the retry queues.
-            log.error(
-                "window failed after retries; applying its messages one by one",
-                extra={"error": str(exc), "size": len(window)},
-            )
-            outcomes = [self._apply_alone(applier, p) for p in parsed]
+        parsed = [self._validated(d) for d in window]
+        outcomes = self._outcomes(applier, parsed)
+        if outcomes is None:
+            return  # asked to stop during a database outage: the window goes back unacked
         for delivery, outcome in zip(window, outcomes, strict=True):
             if isinstance(outcome, Park):
                 self._publish_parked(publisher, delivery, outcome)
@@ -821,28 +929,73 @@ class ConsumerProcess:
             channel.basic_ack(delivery_tag=tag)
         metrics.window_acked(self.spec, window, outcomes, started)
 
+    def _validated(self, delivery: Delivery) -> Parsed:
+        """`validate`, and should validation itself crash, a rejection (it would crash again)."""
+        try:
+            return validate(delivery, self.spec.routes)
+        except Exception as exc:
+            log.exception("validation failed")
+            reason = f"validation failed: {error_summary(exc)}"
+            return Parsed(delivery, rejection=(RejectCode.INTERNAL_ERROR, reason))
+
+    def _outcomes(self, applier: WindowApplier, parsed: list[Parsed]) -> list[Outcome] | None:
+        """The window's outcomes once committed; None when asked to stop during an outage.
+
+        A database outage is waited out with the window held unacked, never spending a
+        message's retry budget. Anything else that fails the window (a transient failure
+        while the database answers, or any exception at all) isolates the messages: each is
+        applied alone, so only the one at fault goes on to the retry queues and the parking lot.
+        """
+        while True:
+            try:
+                return applier.apply(parsed)
+            except WindowFailed as exc:
+                if not applier.database_up():
+                    if not applier.wait_for_database(self.stop_event.is_set):
+                        return None
+                    continue
+                log.error(
+                    "window failed after retries; applying its messages one by one",
+                    extra={"error": str(exc), "size": len(parsed)},
+                )
+            except Exception as exc:
+                log.exception("window failed; applying its messages one by one", extra={"size": len(parsed)})
+                if len(parsed) == 1:
+                    return [self._internal_error(applier, parsed[0], exc)]
+            try:
+                return [self._apply_alone(applier, p) for p in parsed]
+            except _DatabaseDown:
+                if not applier.wait_for_database(self.stop_event.is_set):
+                    return None
+
     def _apply_alone(self, applier: WindowApplier, parsed: Parsed) -> Outcome:
         try:
             return applier.apply([parsed], retry_seconds=1.0)[0]
         except WindowFailed as exc:
-            if parsed.delivery.attempts < len(self.retry_steps):
-                return Retry(str(exc))
-            reason = f"failed {parsed.delivery.attempts + 1} times; last error: {exc}"
-            try:
-                return applier.announce_rejection(parsed, RejectCode.RETRIES_EXHAUSTED, reason)
-            except Exception as db_exc:  # the database is down: park without the event
-                log.error("could not write command.rejected", extra={"error": repr(db_exc)})
-                return Park(RejectCode.RETRIES_EXHAUSTED, reason)
+            if not applier.database_up():
+                raise _DatabaseDown() from exc
+            return self._exhausted_or_retry(applier, parsed, RejectCode.RETRIES_EXHAUSTED, str(exc))
+        except Exception as exc:
+            return self._internal_error(applier, parsed, exc)
+
+    def _internal_error(self, applier: WindowApplier, parsed: Parsed, exc: Exception) -> Outcome:
+        """A message whose own transaction failed outside its handler (a bug, hostile content)."""
+        log.error("message failed outside its handler", exc_info=exc)
+        return self._exhausted_or_retry(applier, parsed, RejectCode.INTERNAL_ERROR, error_summary(exc))
+
+    def _exhausted_or_retry(self, applier: WindowApplier, parsed: Parsed, code: str, error: str) -> Outcome:
+        if parsed.delivery.attempts < len(self.retry_steps):
+            return Retry(error)
+        reason = f"failed {parsed.delivery.attempts + 1} times; last error: {error}"
+        try:
+            return applier.announce_rejection(parsed, code, reason)
+        except Exception as db_exc:  # command.rejected cannot be written: park without it
+            log.error("could not write command.rejected", extra={"error": repr(db_exc)})
+            return Park(code, reason)
 
     def _publish_parked(self, publisher: BlockingChannel, delivery: Delivery, outcome: Park) -> None:
         headers = parked_headers(delivery, self.spec.queue, outcome.code, outcome.reason)
-        publisher.basic_publish(
-            exchange="",
-            routing_key=n.PARKING_LOT_QUEUE,
-            body=delivery.body,
-            properties=copy_properties(delivery.properties, headers),
-            mandatory=True,
-        )
+        self._publish_copy(publisher, "", n.PARKING_LOT_QUEUE, delivery, headers)
 
     def _publish_retry(self, publisher: BlockingChannel, delivery: Delivery, outcome: Retry) -> None:
         step = self.retry_steps[min(delivery.attempts, len(self.retry_steps) - 1)]
@@ -856,10 +1009,38 @@ class ConsumerProcess:
                 n.LAST_ERROR_HEADER: outcome.error[:1000],
             }
         )
-        publisher.basic_publish(
-            exchange=n.RETRY_EXCHANGE,
-            routing_key=f"{format_duration(step)}.{self.spec.queue}",
-            body=delivery.body,
-            properties=copy_properties(delivery.properties, headers),
-            mandatory=True,
+        self._publish_copy(
+            publisher, n.RETRY_EXCHANGE, f"{format_duration(step)}.{self.spec.queue}", delivery, headers
         )
+
+    @staticmethod
+    def _publish_copy(
+        publisher: BlockingChannel,
+        exchange: str,
+        routing_key: str,
+        delivery: Delivery,
+        headers: dict[str, Any],
+    ) -> None:
+        """Republish the message as delivered (confirmed, mandatory) with these headers.
+
+        A header the broker delivered that pika cannot encode again is dropped (named in
+        x-dropped-headers), never the message: a parked or retried copy must always go out.
+        """
+
+        def publish(with_headers: dict[str, Any]) -> None:
+            publisher.basic_publish(
+                exchange=exchange,
+                routing_key=routing_key,
+                body=delivery.body,
+                properties=copy_properties(delivery.properties, with_headers),
+                mandatory=True,
+            )
+
+        try:
+            publish(headers)
+        except (pika.exceptions.UnsupportedAMQPFieldException, ValueError, TypeError, OverflowError) as exc:
+            theirs = set(delivery.headers) - _SERVICE_WRITTEN
+            log.warning("headers dropped from a republished copy", extra={"error": repr(exc)})
+            kept = {key: value for key, value in headers.items() if key not in theirs}
+            kept[n.DROPPED_HEADERS_HEADER] = wire.printable(", ".join(sorted(map(str, theirs))), 1000)
+            publish(kept)

@@ -48,6 +48,8 @@ class RejectCode:
     UNSUPPORTED_CONTENT_TYPE: Final = "UNSUPPORTED_CONTENT_TYPE"
     UNKNOWN_SKU: Final = "UNKNOWN_SKU"
     RETRIES_EXHAUSTED: Final = "RETRIES_EXHAUSTED"
+    # The message's own transaction failed outside its handler (a bug, hostile content), retries spent.
+    INTERNAL_ERROR: Final = "INTERNAL_ERROR"
     # Contract v1.1 limits on every message (consumers/wire.py).
     CONTROL_CHARACTER: Final = "CONTROL_CHARACTER"  # in a body string or key, a property or a header
     NESTING_TOO_DEEP: Final = "NESTING_TOO_DEEP"  # body (or a header table) over 32 levels deep

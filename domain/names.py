@@ -102,6 +102,7 @@ ORIGINAL_QUEUE_HEADER: Final = "x-original-queue"
 ATTEMPTS_HEADER: Final = "x-attempts"
 LAST_ERROR_HEADER: Final = "x-last-error"
 PARKED_AT_HEADER: Final = "x-parked-at"
+DROPPED_HEADERS_HEADER: Final = "x-dropped-headers"  # producer headers that could not be republished
 
 SCHEMA_VERSION: Final = 1
 MAX_BODY_BYTES: Final = 1024 * 1024

@@ -24,6 +24,18 @@ BEGIN
 END $$;
 DROP TRIGGER IF EXISTS fail_for_test_skus ON stock;
 CREATE TRIGGER fail_for_test_skus BEFORE UPDATE ON stock FOR EACH ROW EXECUTE FUNCTION fail_for_test_skus();
+
+-- A failure outside any handler: writing the dedup row of chosen message ids.
+CREATE OR REPLACE FUNCTION fail_for_test_ids() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.message_id LIKE 'poison-claim-%' THEN
+        RAISE EXCEPTION 'simulated failure claiming %', NEW.message_id;
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS fail_for_test_ids ON processed_messages;
+CREATE TRIGGER fail_for_test_ids BEFORE INSERT ON processed_messages
+    FOR EACH ROW EXECUTE FUNCTION fail_for_test_ids();
 """
 
 
@@ -56,11 +68,13 @@ def test_failing_message_goes_through_retry_queues_then_parks(
     assert events.one("stock.restocked", sku=healthy, timeout=10)
     # And the failing one is parked after the retry steps, with its history and the same id
     rejected = events.one("command.rejected", message_id=message_id, timeout=40)
-    assert rejected["code"] == "RETRIES_EXHAUSTED"
+    # A bug is INTERNAL_ERROR (with where it was raised); a failure that stayed transient, RETRIES_EXHAUSTED
+    code = {"poison": "INTERNAL_ERROR", "flaky": "RETRIES_EXHAUSTED"}[prefix]
+    assert rejected["code"] == code
     assert time.monotonic() - started >= 3  # it waited in the 1 s and 2 s retry queues
     parked = system.wait_parked(message_id)
     headers = parked.headers
-    assert headers["x-parking-code"] == "RETRIES_EXHAUSTED"
+    assert headers["x-parking-code"] == code
     assert headers["x-attempts"] == 3
     assert "simulated" in headers["x-parking-reason"]
     assert {d["queue"] for d in headers["x-death"]} == {"order.retry.1s", "order.retry.2s"}
@@ -70,3 +84,28 @@ def test_failing_message_goes_through_retry_queues_then_parks(
     # And it does not come back: the queues are empty after it was parked
     time.sleep(3)
     assert len(events.matching("command.rejected", message_id=message_id)) == 1
+
+
+def test_failure_outside_the_handler_isolates_the_message(retry_system: tuple[System, EventListener]) -> None:
+    system, events = retry_system
+    # Given a window of SKU upserts in which one message's dedup row cannot be written
+    skus = [unique("sku") for _ in range(6)]
+    poison = unique("poison-claim")
+    with system.publisher() as pub:
+        for index, sku in enumerate(skus):
+            body = {"sku": sku, "name": "x", "unit_price": 1, "merchant_id": "M", "warehouse_id": "W1"}
+            pub.send("sku.upsert", body, message_id=poison if index == 2 else None)
+
+    # Then the others are applied at once
+    for index, sku in enumerate(skus):
+        if index != 2:
+            events.one("sku.upserted", sku=sku, timeout=10)
+    # And the failing one goes through the retry queues and is parked INTERNAL_ERROR, saying where
+    rejected = events.one("command.rejected", message_id=poison, timeout=40)
+    assert rejected["code"] == "INTERNAL_ERROR"
+    headers = system.wait_parked(poison).headers
+    assert headers["x-parking-code"] == "INTERNAL_ERROR"
+    assert headers["x-attempts"] == 3
+    assert "simulated failure claiming" in headers["x-parking-reason"]
+    assert " in " in headers["x-parking-reason"]  # the traceback summary: file:line in function
+    assert system.db.scalar("SELECT count(*) FROM skus WHERE sku = %s", skus[2]) == 0
