@@ -393,10 +393,12 @@ def test_a_due_timer_is_not_held_back_by_a_later_one_ahead_of_it_in_the_queue() 
             place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
             for _ in range(2)
         )
-        # Given a timer due in 4 s that reached the consumer ahead of one due in 1 s
+        # Given a timer due in 4 s that reached the consumer ahead of one due in 1 s (the
+        # orders' own deadlines moved to match: a timer never acts before the stored deadline)
         now = datetime.now(UTC)
         late_due, early_due = now + timedelta(seconds=4), now + timedelta(seconds=1)
         for order_no, due in ((late, late_due), (early, early_due)):
+            system.db.query("UPDATE orders SET pay_deadline = %s WHERE order_no = %s", due, order_no)
             system.fire_timer(Timer.PAYMENT_TIMEOUT, {"ref": order_no, "due_at": due.isoformat()})
         # Then the earlier one is applied at its due time, without waiting for the later one
         events.one(Evt.ORDER_CANCELLED, order_no=early, timeout=10)
@@ -409,3 +411,26 @@ def test_a_due_timer_is_not_held_back_by_a_later_one_ahead_of_it_in_the_queue() 
         # Both were acked: a stopped consumer leaves nothing behind to be delivered again
         system.stop(TIMEOUTS_QUEUE)
         assert queue_counts(system.amqp_url, TIMEOUTS_QUEUE)[0] == 0
+
+
+def test_a_forged_timer_before_the_stored_deadline_changes_nothing() -> None:
+    with own_system(
+        CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE, ORDER_PAYMENT_TIMEOUT="60s", SWEEPER_GRACE="60s"
+    ) as (system, events):
+        sku = given_sku(system, events, price=1000, stock=5)
+        order_no = place_order(system, events, unique("user"), [{"sku": sku, "quantity": 1}])["order_no"]
+        applied_before = system.db.scalar(
+            "SELECT count(*) FROM processed_messages WHERE consumer = %s", TIMEOUTS_QUEUE
+        )
+        # When a timer message claiming to be due now names the order (its deadline is 60 s away)
+        system.fire_timer(Timer.PAYMENT_TIMEOUT, {"ref": order_no, "due_at": datetime.now(UTC).isoformat()})
+        deadline = time.monotonic() + 15
+        while (
+            system.db.scalar("SELECT count(*) FROM processed_messages WHERE consumer = %s", TIMEOUTS_QUEUE)
+            == applied_before
+        ):
+            assert time.monotonic() < deadline, "the forged timer was never consumed"
+            time.sleep(0.1)
+        # Then the order is still waiting for its payment, its stock still locked
+        assert order_row(system, order_no)["status"] == "PENDING_PAYMENT"
+        assert not events.matching(Evt.ORDER_CANCELLED, order_no=order_no)
