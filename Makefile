@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install services migrate topology run test test-unit test-integration test-faults lint bench clean
+.PHONY: install services migrate topology run test test-unit test-integration test-model test-faults lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,17 +23,22 @@ migrate: install
 topology: install
 	$(PY) topology.py
 
+# Development mode: without PAYMENT_WEBHOOK_SECRET the consumers use a development secret (with
+# a warning); `orders sign` in another terminal needs DEV_MODE=true too. Deployments never set it.
 run: install services migrate topology  ## the whole service in the foreground; Ctrl-C stops it cleanly
-	exec $(PY) run_consumer.py --all
+	DEV_MODE=$${DEV_MODE:-true} exec $(PY) run_consumer.py --all
 
-test: install services  ## unit, integration and fault tests against the real broker and database
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration tests/faults
+test: install services  ## unit, integration, model-based (bounded) and fault tests against the real broker and database
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration tests/model tests/faults
 
 test-unit: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 test-integration: install services
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+
+test-model: install services  ## the model-based test, long profile (MODEL_EXAMPLES / MODEL_STEPS to change it)
+	MODEL_EXAMPLES=$${MODEL_EXAMPLES:-200} MODEL_STEPS=$${MODEL_STEPS:-60} $(PY) -m pytest -q -p no:cacheprovider tests/model
 
 test-faults: install services
 	$(PY) -m pytest -q -p no:cacheprovider tests/faults
