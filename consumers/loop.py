@@ -219,8 +219,6 @@ def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
     control characters, nesting, message ids) included, so that nothing PostgreSQL would
     refuse reaches it. Hostile text quoted in a reason is escaped.
     """
-    from consumers import wire
-
     def reject(code: str, reason: str) -> Parsed:
         return Parsed(delivery, rejection=(code, reason))
 
@@ -856,7 +854,10 @@ class ConsumerProcess:
             ) -> None:
                 delivery = make_delivery(method, props, body)
                 if due_at is not None:
-                    delivery.due = due_at(delivery)
+                    try:
+                        delivery.due = due_at(delivery)
+                    except Exception:  # unreadable: apply at once, so that validation parks it
+                        log.exception("could not read when a delivery is due")
                 buffer.append(delivery)
 
             tag = channel.basic_consume(self.spec.queue, on_message, consumer_tag=self.name)

@@ -7,7 +7,19 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-Identifier = Annotated[str, Field(min_length=1, max_length=64, strict=True)]
+
+def _printable(value: str) -> str:
+    """Identifiers are printable: no control, format or separator character but the space.
+
+    (Control characters anywhere in a body are rejected before the schemas: consumers/wire.py.)
+    """
+    if not value.isprintable():
+        at, char = next((i, c) for i, c in enumerate(value) if not c.isprintable())
+        raise ValueError(f"must be printable text; U+{ord(char):04X} at position {at} is not")
+    return value
+
+
+Identifier = Annotated[str, Field(min_length=1, max_length=64, strict=True), AfterValidator(_printable)]
 Text = Annotated[str, Field(max_length=1000, strict=True)]
 Quantity = Annotated[StrictInt, Field(gt=0, le=1_000_000)]
 Money = Annotated[StrictInt, Field(ge=0, le=10**15)]
@@ -167,7 +179,9 @@ class TimerFired(Command):
     due_at: UtcTime
     ref: Identifier | None = None
     refs: Annotated[list[Identifier], Field(min_length=1, max_length=TIMER_REFS_MAX)] | None = None
-    correlation_ids: list[Annotated[str, Field(max_length=255, strict=True)] | None] | None = None
+    correlation_ids: (
+        list[Annotated[str, Field(max_length=255, strict=True), AfterValidator(_printable)] | None] | None
+    ) = None
 
     @model_validator(mode="after")
     def _names_its_refs(self) -> TimerFired:

@@ -260,6 +260,8 @@ def body_problem(value: Any) -> Problem | None:
     """
     if isinstance(value, str):
         return _text_problem(value, "body string")
+    if not isinstance(value, dict | list):
+        return None  # a number, true, false or null
     # (container, its depth, its path as (parent's path, key))
     stack: list[tuple[Any, int, tuple[Any, str | int] | None]] = [(value, 1, None)]
     while stack:
@@ -302,6 +304,29 @@ def _spell(where: tuple[Any, str | int] | None) -> str:
     return path if len(path) <= 200 else path[:197] + "..."
 
 
+# Deeper than this, a body never reaches the JSON parser (whose C recursion is bounded only by
+# the interpreter's recursion limit); between MAX_DEPTH and this, the walk names where.
+PARSER_DEPTH = 500
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether brackets outside JSON strings nest deeper than `limit` (a cheap pre-scan: a body
+    with at most `limit` opening brackets cannot, and is not scanned at all)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for token in _JSON_TOKEN.finditer(text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket in "]}":
+            depth -= 1
+    return False
+
+
 def parse_body(body: bytes) -> tuple[Any, Problem | None]:
     """The body as JSON within the limits, or the problem with it.
 
@@ -312,6 +337,10 @@ def parse_body(body: bytes) -> tuple[Any, Problem | None]:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, (RejectCode.INVALID_JSON, f"body is not UTF-8 JSON: {exc}")
+    if nested_deeper_than(text, PARSER_DEPTH):
+        # Before the parser: its recursion must never depend on the interpreter's limit
+        # (the consumers raise it so that pika can decode any header table a frame can hold).
+        return None, (RejectCode.NESTING_TOO_DEEP, f"body is nested more than {MAX_DEPTH} levels deep")
     try:
         value = json.loads(text, parse_constant=_constant, parse_float=_finite)
     except RecursionError:

@@ -1,6 +1,8 @@
 """Property-based: random bodies, headers and routing keys never crash validation.
 
-Every delivery ends as either a typed command or a rejection with a code and a readable reason.
+Every delivery ends as either a typed command or a rejection with a code and a readable reason,
+and whatever it held, nothing PostgreSQL or AMQP would refuse gets through: an accepted command
+is within the wire limits (consumers/wire.py) and a reason has no control character.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pika
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumers import wire
 from consumers.loop import Delivery, validate
 from consumers.registry import consumer_specs
 from settings import Settings
@@ -19,12 +22,22 @@ from settings import Settings
 ROUTES = {key: route for spec in consumer_specs(Settings()).values() for key, route in spec.routes.items()}
 KEYS = sorted(ROUTES) + ["unknown.key", ""]
 
+# Text as it comes: control characters, lone surrogates and all.
+hostile_text = st.text(max_size=80) | st.text(
+    st.characters(codec=None, categories=["Cc", "Cs", "Cf", "Zl", "Zp"]) | st.sampled_from("ab\t\n\r"),
+    max_size=12,
+)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=80),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | hostile_text,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(hostile_text, children, max_size=6),
     max_leaves=30,
 )
+
+
+def deep(value: Any, depth: int) -> Any:
+    for _ in range(depth):
+        value = {"extra": value}
+    return value
 
 
 def field_values() -> st.SearchStrategy[Any]:
@@ -44,21 +57,53 @@ def likely_bodies() -> st.SearchStrategy[dict[str, Any]]:
         st.binary(max_size=200),
         json_values.map(lambda v: json.dumps(v).encode()),
         likely_bodies().map(lambda v: json.dumps(v).encode()),
+        st.tuples(likely_bodies(), st.integers(25, 40)).map(lambda v: json.dumps(deep(*v)).encode()),
+        st.integers(1, 3000).map(lambda d: b"[" * d + b"]" * d),
+        st.sampled_from([b'{"a": NaN}', b'{"a": 1e400}', b'{"a": "\\ud800"}', b"1" * 5000, b"null", b"[]"]),
     ),
-    message_id=st.one_of(st.none(), st.text(max_size=40)),
-    version=st.one_of(st.none(), st.integers(-2, 3), st.text(max_size=3), st.booleans()),
+    # Often proper properties: the body is only read behind them.
+    message_id=st.one_of(
+        st.just("m-1"), st.just("m-1"), st.none(), st.text(max_size=40), hostile_text, st.binary(max_size=8)
+    ),
+    correlation_id=st.one_of(st.none(), st.none(), hostile_text, st.text(min_size=250, max_size=260)),
+    version=st.one_of(st.none(), st.just(1), st.integers(-2, 3), st.text(max_size=3), st.booleans()),
     content_type=st.one_of(
-        st.none(), st.sampled_from(["application/json", "text/plain", "application/json; charset=utf-8"])
+        st.none(),
+        st.just("application/json"),
+        st.sampled_from(["application/json", "text/plain", "application/json; charset=utf-8"]),
+        hostile_text,
+        st.binary(max_size=8),
+    ),
+    extra_headers=st.just({})
+    | st.dictionaries(
+        hostile_text | st.binary(max_size=4),
+        json_values | st.binary(max_size=8),
+        max_size=3,
     ),
 )
 def test_random_input_is_classified_never_crashes(
-    routing_key: str, body: bytes, message_id: str | None, version: Any, content_type: str | None
+    routing_key: str,
+    body: bytes,
+    message_id: Any,
+    correlation_id: Any,
+    version: Any,
+    content_type: Any,
+    extra_headers: dict[Any, Any],
 ) -> None:
-    headers = {} if version is None else {"x-schema-version": version}
-    props = pika.BasicProperties(message_id=message_id, content_type=content_type, headers=headers)
+    headers = {**extra_headers}
+    if version is not None:
+        headers["x-schema-version"] = version
+    props = pika.BasicProperties(
+        message_id=message_id, correlation_id=correlation_id, content_type=content_type, headers=headers
+    )
     parsed = validate(Delivery(1, routing_key, "order.commands", props, body), ROUTES)
     if parsed.rejection is None:
         assert parsed.command is not None and routing_key in ROUTES and message_id
+        # Within the wire limits: nothing the database or the broker would refuse.
+        assert wire.properties_problem(props) is None
+        assert wire.body_problem(parsed.raw) is None
+        assert isinstance(message_id, str) and message_id.isprintable() and len(message_id) <= 255
     else:
         code, reason = parsed.rejection
         assert code.isupper() and reason.strip()
+        assert wire.forbidden_character(reason) is None, reason
