@@ -131,6 +131,12 @@ RELAY_FAILED = Counter(
     ("exchange", "routing_key"),
     registry=REGISTRY,
 )
+SWEEPER_FAILED = Counter(
+    "order_sweeper_failed",
+    "Overdue timers the backstop sweeper failed to apply (rolled back, tried again next pass), by kind",
+    ("kind",),
+    registry=REGISTRY,
+)
 OUTBOX_BACKLOG = Gauge("order_outbox_backlog", "Outbox rows not yet published", registry=REGISTRY)
 OUTBOX_LAG = Gauge(
     "order_outbox_lag_seconds", "Age of the oldest unpublished outbox row (0 when none)", registry=REGISTRY
@@ -206,6 +212,10 @@ def command_refused(spec: ConsumerSpec, routing_key: str, reason: str) -> None:
 
 def transient_retry(queue: str) -> None:
     TRANSIENT_RETRIES.labels(queue).inc()
+
+
+def sweeper_failed(kind: str) -> None:
+    SWEEPER_FAILED.labels(kind).inc()
 
 
 def consumer_connected(queue: str, connected: bool) -> None:

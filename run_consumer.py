@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 import logs
-from settings import Settings, load_settings
+from settings import Settings, load_settings, require_webhook_secret
 
 log = logging.getLogger("run_consumer")
 
@@ -110,6 +110,9 @@ def supervise(queues: list[str]) -> int:
     return status
 
 
+HEADER_DECODE_RECURSION = 50_000
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,9 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown queue(s): {', '.join(unknown)} (known: {', '.join(known)})")
     if len(queues) == 1:
+        # pika decodes a header table with two Python frames per level: a table nested as deep
+        # as a 128 KiB frame allows (about 18,000 levels) must not stop the queue with a
+        # RecursionError before validation can refuse it. Python-to-Python calls take no C
+        # stack in 3.11, and the JSON parser is guarded by a depth pre-scan (consumers/wire.py).
+        sys.setrecursionlimit(HEADER_DECODE_RECURSION)
         logs.configure(settings.log_level, settings.log_format, queue=queues[0])
+        require_webhook_secret(settings)  # unset or a published example: exit 2 naming it
         return consume(queues[0], settings)
     logs.configure(settings.log_level, settings.log_format)
+    require_webhook_secret(settings)  # before any child starts: a child refused would be restarted forever
     return supervise(queues)
 
 

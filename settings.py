@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from datetime import timedelta
@@ -41,6 +42,19 @@ def format_duration(delta: timedelta) -> str:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
+# The webhook secret DEV_MODE uses when PAYMENT_WEBHOOK_SECRET is unset. It is in this file for
+# everyone to read, so it is refused outside DEV_MODE, like the other published example values
+# (the README's before contract v1.1); anyone could sign a payment with one of them.
+DEV_WEBHOOK_SECRET = "dev-mode-only-webhook-secret-anyone-can-read"
+PUBLISHED_WEBHOOK_SECRETS = frozenset(
+    {DEV_WEBHOOK_SECRET, "dev-secret-change-me", "change-me", "changeme", "secret", "your-secret-here"}
+)
+_dev_secret_warned = False
+
+
+class InsecureSetting(ValueError):
+    """A setting that must not be used as it is (a missing or published secret)."""
+
 
 class Settings(BaseSettings):
     """Everything the service reads from its environment."""
@@ -52,7 +66,12 @@ class Settings(BaseSettings):
     order_payment_timeout: Duration = timedelta(minutes=15)
     aftersale_review_timeout: Duration = timedelta(days=5)
     auto_confirm_receipt_after: Duration = timedelta(days=10)
-    payment_webhook_secret: SecretStr = SecretStr("dev-secret-change-me")
+    # Required (contract v1.1): read through webhook_secret(), which refuses none or a published
+    # example value unless dev_mode is on.
+    payment_webhook_secret: SecretStr = SecretStr("")
+    # Local development only (`make run` turns it on): a missing webhook secret gets
+    # DEV_WEBHOOK_SECRET, and published example values are let through, with a loud warning.
+    dev_mode: bool = False
     prefetch: int = Field(default=100, ge=1, le=10_000)
     # Timers leave their delay queue this long before they are due and wait in the timeouts
     # consumer until then, so the broker's dead-lettering and the queue in front of the consumer
@@ -83,6 +102,34 @@ class Settings(BaseSettings):
         """The retry delay queue steps, shortest first."""
         return [parse_duration(part) for part in self.retry_delays.split(",") if part.strip()]
 
+    def webhook_secret(self) -> str:
+        """The HMAC key of payment.notify and refund.result.
+
+        InsecureSetting (naming PAYMENT_WEBHOOK_SECRET) when it is unset or a published example
+        value; in DEV_MODE those are allowed, with a warning (an unset one is DEV_WEBHOOK_SECRET).
+        """
+        secret = self.payment_webhook_secret.get_secret_value()
+        if not secret.strip():
+            problem = "is not set"
+        elif secret.strip().lower() in PUBLISHED_WEBHOOK_SECRETS:
+            problem = "is a published example value"
+        else:
+            return secret
+        if not self.dev_mode:
+            raise InsecureSetting(
+                f"PAYMENT_WEBHOOK_SECRET {problem}: set it to a long random value, e.g. "
+                "`openssl rand -hex 32` (DEV_MODE=true, for local development only, uses a "
+                "development secret)"
+            )
+        global _dev_secret_warned
+        if not _dev_secret_warned:
+            _dev_secret_warned = True
+            logging.getLogger("settings").warning(
+                f"DEV_MODE: PAYMENT_WEBHOOK_SECRET {problem}; using a development secret anyone can "
+                "read, so anyone can sign payments and refunds. Never run like this in production."
+            )
+        return secret if secret.strip() else DEV_WEBHOOK_SECRET
+
 
 def load_settings() -> Settings:
     """Read settings once; a missing or malformed one stops the process with its name."""
@@ -91,4 +138,13 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()]
         print("invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def require_webhook_secret(settings: Settings) -> str:
+    """The webhook secret, or stop the process naming PAYMENT_WEBHOOK_SECRET (as load_settings)."""
+    try:
+        return settings.webhook_secret()
+    except InsecureSetting as exc:
+        print(f"invalid settings:\n  {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -10,7 +10,8 @@ from typing import Any
 
 from domain import names as n
 
-# Headers the loop adds when it retries or parks a message; a replayed command starts clean.
+# Headers the loop adds when it retries or parks a message, and the broker's dead-letter
+# history: a replayed command starts clean, whoever set them (the service or a producer).
 _REPLAY_DROPPED_PREFIXES = ("x-parking-", "x-original-", "x-first-death-", "x-last-death-")
 _REPLAY_DROPPED = {n.ATTEMPTS_HEADER, n.LAST_ERROR_HEADER, n.PARKED_AT_HEADER, "x-death"}
 
@@ -130,11 +131,17 @@ def replay_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
 def replay_target(
     headers: Mapping[str, Any] | None, message_type: str | None, delivered_key: str
 ) -> tuple[str, str]:
-    """(exchange, routing key) a parked command goes back to: where it was first published."""
+    """(exchange, routing key) a parked command is replayed to (contract v1.1).
+
+    Always order.commands, whatever the headers say: a replay must not publish a producer's body
+    on order.events or the timer exchanges. The routing key is the one the service recorded
+    when it parked the message (`consumers.loop.parked_headers` writes it from the delivery the
+    service saw, never from a producer's header); a message parked by hand without it goes back
+    by its type.
+    """
     headers = headers or {}
-    exchange = header_text(headers.get(n.ORIGINAL_EXCHANGE_HEADER)) or n.COMMANDS_EXCHANGE
     routing_key = header_text(headers.get(n.ORIGINAL_ROUTING_KEY_HEADER)) or message_type or delivered_key
-    return exchange, routing_key
+    return n.COMMANDS_EXCHANGE, routing_key
 
 
 def parked_summary(

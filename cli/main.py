@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from cli import render, views
 from cli.format import describe_error, parse_since, to_json
 from domain.errors import Refusal
-from settings import Settings, load_settings
+from settings import InsecureSetting, Settings, load_settings
 from store.db import make_engine
 
 app = typer.Typer(
@@ -144,7 +144,10 @@ def sign(
     if not isinstance(body, dict):
         fail("BODY_JSON must be a JSON object", 2)
     body.pop("signature", None)
-    secret = _settings().payment_webhook_secret.get_secret_value()
+    try:
+        secret = _settings().webhook_secret()
+    except InsecureSetting as exc:  # unset or a published example value (outside DEV_MODE)
+        fail(str(exc), 2)
     typer.echo(json.dumps({**body, "signature": hmac_sign(body, secret)}, separators=(",", ":")))
 
 

@@ -20,7 +20,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from cli.format import parked_summary, replay_headers, replay_target
 from consumers.loop import connection_parameters, copy_properties, settle_parked
-from domain.names import PARKING_LOT_QUEUE
+from domain.names import COMMANDS_EXCHANGE, PARKING_LOT_QUEUE
 from settings import Settings
 
 
@@ -75,7 +75,8 @@ def list_parked(settings: Settings, limit: int | None = None) -> list[dict[str, 
 
 
 def replay(settings: Settings, message_ids: Collection[str] | None) -> list[dict[str, Any]]:
-    """Send parked commands (those ids, or all with None) back where they were first published.
+    """Send parked commands (those ids, or all with None) back through order.commands, with the
+    routing key the service recorded when it parked them (never where a header points).
 
     Returns one entry per replayed (or failed) message with where it went.
     """
@@ -91,11 +92,11 @@ def replay(settings: Settings, message_ids: Collection[str] | None) -> list[dict
                 settle_parked(channel, parked.delivery_tag, replayed=False)
                 continue
             props = parked.properties
-            exchange, routing_key = replay_target(props.headers, props.type, parked.delivered_key)
-            entry = {**parked.summary(now), "exchange": exchange, "routing_key": routing_key}
+            _, routing_key = replay_target(props.headers, props.type, parked.delivered_key)
+            entry = {**parked.summary(now), "exchange": COMMANDS_EXCHANGE, "routing_key": routing_key}
             try:
                 publisher.basic_publish(
-                    exchange,
+                    COMMANDS_EXCHANGE,  # only ever order.commands (contract v1.1)
                     routing_key,
                     parked.body,
                     properties=copy_properties(props, replay_headers(props.headers)),

@@ -219,6 +219,7 @@ def validate(delivery: Delivery, routes: Mapping[str, Route]) -> Parsed:
     control characters, nesting, message ids) included, so that nothing PostgreSQL would
     refuse reaches it. Hostile text quoted in a reason is escaped.
     """
+
     def reject(code: str, reason: str) -> Parsed:
         return Parsed(delivery, rejection=(code, reason))
 

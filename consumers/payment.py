@@ -337,8 +337,14 @@ class PaymentFlows:
     """payment.notify, order.cancel and refund.result, with their refusal announcers."""
 
     def __init__(self, settings: Settings, followups: Mapping[str, RefundFollowup]) -> None:
-        self.secret = settings.payment_webhook_secret.get_secret_value()
+        self.settings = settings
         self.followups = followups
+
+    @property
+    def secret(self) -> str:
+        """The HMAC key, checked where it is used: unset or a published example value is refused
+        (InsecureSetting) outside DEV_MODE; run_consumer.py refuses to start on it first."""
+        return self.settings.webhook_secret()
 
     # -- payment.notify -------------------------------------------------------------------------
 

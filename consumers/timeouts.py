@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
 
-from consumers import aftersale, fulfillment, payment
+import metrics
+from consumers import aftersale, fulfillment, payment, wire
 from consumers.loop import ConsumerSpec, Delivery, Route
 from consumers.schemas import TimerFired
 from consumers.timers import TimerKind
@@ -64,39 +65,87 @@ def _fire(kind: TimerKind) -> Route:
     return Route(TimerFired, on_timer, apply_window=apply_window)
 
 
+def sweep_envelope(kind: str, ref: str) -> Envelope:
+    """What the sweeper applies a lost timer under: no command, so no message id (the timeline
+    shows it as the sweeper's), and a correlation id of its own, the same for every sweep of the
+    ref, so the events it causes can be traced (their outbox message ids are fresh UUIDs)."""
+    return Envelope("sweeper", None, f"sweeper:{kind}:{ref}", Timer.fired_key(kind))
+
+
 def sweeper(kinds: list[TimerKind]) -> Callable[[Engine, Settings], None]:
     """The backstop: applies timeouts whose timer message never came (queue purged, data lost)."""
 
     def sweep(engine: Engine, settings: Settings) -> None:
         for kind in kinds:
-            while True:
-                now = datetime.now(UTC)
-                with engine.begin() as conn:
-                    refs = kind.overdue(conn, now - settings.sweeper_grace, SWEEP_BATCH)
-                    for ref in refs:
-                        envelope = Envelope("sweeper", None, None, Timer.fired_key(kind.kind))
-                        try:
-                            with conn.begin_nested():
-                                uow = UnitOfWork(conn, envelope, now)
-                                kind.fire(uow, ref)
-                                uow.flush()
-                        except Refusal:
-                            continue
-                if refs:
-                    log.warning("sweeper applied lost timers", extra={"kind": kind.kind, "count": len(refs)})
-                if len(refs) < SWEEP_BATCH:
-                    break
+            sweep_kind(engine, settings, kind)
 
     return sweep
+
+
+def sweep_kind(engine: Engine, settings: Settings, kind: TimerKind) -> None:
+    """One pass over one kind's overdue refs, in batches, each ref in a savepoint of its own.
+
+    A ref that fails (any exception) is logged, counted and rolled back to its savepoint; the
+    rest of its batch goes on. Refs handled once in this pass (applied, refused or failed) are
+    not tried again before the next pass, so a ref that keeps failing (or stays overdue) can
+    neither block the others nor keep the pass looping on the same batch.
+    """
+    seen: set[str] = set()
+    skipped = 0  # refused or failed in this pass, yet still overdue: they come back in each batch
+    while True:
+        now = datetime.now(UTC)
+        limit = SWEEP_BATCH + skipped
+        applied = failed = 0
+        with engine.begin() as conn:
+            overdue = kind.overdue(conn, now - settings.sweeper_grace, limit)
+            refs = [ref for ref in overdue if ref not in seen]
+            for ref in refs:
+                seen.add(ref)
+                outcome = _sweep_one(conn, kind, ref, now)
+                applied += outcome == "applied"
+                failed += outcome == "failed"
+                skipped += outcome != "applied"
+        if applied:
+            log.warning("sweeper applied lost timers", extra={"kind": kind.kind, "count": applied})
+        if failed:
+            log.error("sweeper could not apply some timers", extra={"kind": kind.kind, "count": failed})
+        if not refs or len(overdue) < limit:
+            break
+        if skipped >= SWEEP_BATCH:
+            log.error(
+                "sweeper pass stopped: too many timers failing", extra={"kind": kind.kind, "skipped": skipped}
+            )
+            break
+
+
+def _sweep_one(conn: Connection, kind: TimerKind, ref: str, now: datetime) -> str:
+    """Apply one lost timer in a savepoint: "applied", "refused" or "failed" (rolled back)."""
+    try:
+        with conn.begin_nested():
+            uow = UnitOfWork(conn, sweep_envelope(kind.kind, ref), now)
+            kind.fire(uow, ref)
+            uow.flush()
+    except Refusal:
+        return "refused"
+    except Exception:
+        if conn.invalidated:  # the connection is gone: nothing more can be done in this transaction
+            raise
+        log.exception("sweeper failed to apply a timer", extra={"kind": kind.kind, "ref": ref})
+        metrics.sweeper_failed(kind.kind)
+        return "failed"
+    return "applied"
 
 
 def due_at(delivery: Delivery) -> datetime | None:
     """A fired timer's due time, from its body; None (apply at once) for anything unreadable,
     which validation then parks. Timers leave their delay queue TIMER_LEAD_MS early."""
     try:
-        value = json.loads(delivery.body).get("due_at")
+        text = delivery.body.decode("utf-8")
+        if wire.nested_deeper_than(text, wire.PARSER_DEPTH):
+            return None  # never handed to the parser (validation refuses it)
+        value = json.loads(text).get("due_at")
         due = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if due is not None and due.tzinfo is None:
         due = due.replace(tzinfo=UTC)

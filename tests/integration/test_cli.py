@@ -355,8 +355,12 @@ def test_refunds_list_and_retry(spare_system: System) -> None:
         "payable) VALUES ('O1', 'u1', 'physical', 'CANCELLED', 100, 0, 0, 100)"
     )
     db.query(
-        "INSERT INTO refunds (refund_no, order_no, source, source_ref, amount, status) "
-        "VALUES ('R1', 'O1', 'LATE_PAYMENT', 'P1', 100, 'FAILED')"
+        "INSERT INTO payments (payment_no, order_no, method, amount, refundable, paid_at, outcome, raw) "
+        "VALUES ('P1', 'O1', 'card', 100, 100, now(), 'LATE_REFUNDED', '{}')"
+    )
+    db.query(
+        "INSERT INTO refunds (refund_no, order_no, source, source_ref, payment_no, amount, status) "
+        "VALUES ('R1', 'O1', 'LATE_PAYMENT', 'P1', 'P1', 100, 'FAILED')"
     )
     failed = json.loads(spare_system.orders("refunds", "--failed", "--json").stdout)
     assert [(r["refund_no"], r["status"]) for r in failed] == [("R1", "FAILED")]
@@ -368,6 +372,8 @@ def test_refunds_list_and_retry(spare_system: System) -> None:
     assert outbox["body"]["refund_no"] == "R1" and outbox["correlation_id"]
     assert db.scalar("SELECT action FROM order_timeline WHERE order_no = 'O1'") == "REFUND_RETRIED"
     assert json.loads(spare_system.orders("refunds", "--failed", "--json").stdout) == []
+    # and claims its amount from the payment again (the failure had given it back)
+    assert db.scalar("SELECT refundable FROM payments WHERE payment_no = 'P1'") == 0
     # And a refund that is not failed (or does not exist) is refused
     again = spare_system.orders("refund-retry", "R1", check=False)
     assert again.returncode == 1 and "REQUESTED" in again.stderr

@@ -138,10 +138,13 @@ def test_replay_target_is_where_the_command_was_first_published() -> None:
     # A message parked by hand without the headers goes back by its type
     assert replay_target({}, "order.place", "order.parking-lot") == ("order.commands", "order.place")
     assert replay_target({"x-original-exchange": ""}, None, "k") == ("order.commands", "k")
+    # Replays only ever go to order.commands, whatever exchange a header names (contract v1.1)
     assert replay_target({"x-original-exchange": b"order.timers.fired"}, "timer.x", "k") == (
-        "order.timers.fired",
+        "order.commands",
         "timer.x",
     )
+    forged = {"x-original-exchange": "order.events", "x-original-routing-key": "order.paid"}
+    assert replay_target(forged, "order.paid", "order.parking-lot")[0] == "order.commands"
 
 
 def test_parked_summary() -> None:
