@@ -153,6 +153,8 @@ def check_id(value: object, name: str, code: str) -> Problem | None:
         return code, f"{name} is a {type(value).__name__}, not text"
     if len(value) > MAX_ID_CHARS:
         return code, f"{name} is {len(value)} characters long, over the limit of {MAX_ID_CHARS}"
+    if value.isprintable():
+        return None  # every message's ids: the reason below is spelled out only for a problem
     for position, char in enumerate(value):
         if not char.isprintable():
             return (
@@ -171,19 +173,23 @@ def check_text(value: object, where: str) -> Problem | None:
         return RejectCode.INVALID_PROPERTY, f"{where} is not UTF-8 text: {_quote(value)}"
     if not isinstance(value, str):
         return RejectCode.INVALID_PROPERTY, f"{where} is a {type(value).__name__}, not text"
+    if not _FORBIDDEN.search(value):
+        return None
     return _text_problem(value, f"{where} {_quote(value)}")
 
 
 def _header_problem(value: object, path: str, free_text: bool, depth: int) -> Problem | None:
     """A header value: strings without control characters, tables and arrays recursively."""
+    if value is None or isinstance(value, bool | int | float | Decimal | datetime):
+        return None
+    if isinstance(value, bytes | bytearray):
+        # A byte array, or a long string that is not UTF-8: text as far as it decodes.
+        value = bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, str) and forbidden_character(value, free_text) is None:
+        return None  # the reason below is spelled out only for a problem
     where = f"header {printable(path, 200)}"
     if isinstance(value, str):
         return _text_problem(value, where, free_text)
-    if isinstance(value, bytes | bytearray):
-        # A byte array, or a long string that is not UTF-8: text as far as it decodes.
-        return _text_problem(bytes(value).decode("utf-8", errors="replace"), where, free_text)
-    if value is None or isinstance(value, bool | int | float | Decimal | datetime):
-        return None
     if depth >= MAX_DEPTH:
         return RejectCode.NESTING_TOO_DEEP, f"{where} is nested more than {MAX_DEPTH} levels deep"
     if isinstance(value, Mapping):
@@ -204,9 +210,8 @@ def headers_problem(headers: Mapping[Any, Any], prefix: str = "", depth: int = 0
         if isinstance(key, bytes):
             return RejectCode.INVALID_PROPERTY, f"header name {prefix}{_quote(key)} is not UTF-8 text"
         name = str(key)
-        problem = _text_problem(name, f"header name {prefix}{_quote(name)}")
-        if problem:
-            return problem
+        if _FORBIDDEN.search(name):
+            return _text_problem(name, f"header name {prefix}{_quote(name)}")
         free_text = depth == 0 and name in FREE_TEXT_HEADERS
         problem = _header_problem(value, f"{prefix}{name}", free_text, depth)
         if problem:
