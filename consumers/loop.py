@@ -873,15 +873,22 @@ class ConsumerProcess:
             )
 
             def apply_due() -> tuple[bool, float | None]:
-                """Apply what is due in the buffer as one window; (applied, seconds to the next due)."""
+                """Apply what is due in the buffer as one window; (applied, seconds to the next due).
+
+                A window left unacked (asked to stop during a database outage) ends the
+                consumption: a later window's multiple ack would settle it unapplied.
+                """
                 picked, wait_s = due_window(buffer, datetime.now(UTC), self.settings.prefetch)
                 if picked:
                     chosen = set(picked)
                     window = [buffer[i] for i in picked]
                     buffer[:] = [d for i, d in enumerate(buffer) if i not in chosen]
-                    self._handle_window(
+                    settled = self._handle_window(
                         applier, window, channel, publisher, buffer[0].tag if buffer else None
                     )
+                    if not settled:
+                        buffer.clear()  # unacked: they return to the queue when the channel closes
+                        return False, None
                 return bool(picked), wait_s
 
             wait = 0.5
@@ -911,14 +918,14 @@ class ConsumerProcess:
         channel: BlockingChannel,
         publisher: BlockingChannel,
         first_held: int | None = None,
-    ) -> None:
+    ) -> bool:
         """Apply, republish what is parked or retried, then ack (deliveries from tag `first_held`
-        on stay in the buffer, unacked)."""
+        on stay in the buffer, unacked); False when the window was left unacked."""
         started = metrics.window_received(self.spec, window)
         parsed = [self._validated(d) for d in window]
         outcomes = self._outcomes(applier, parsed)
         if outcomes is None:
-            return  # asked to stop during a database outage: the window goes back unacked
+            return False  # asked to stop during a database outage: the window goes back unacked
         for delivery, outcome in zip(window, outcomes, strict=True):
             if isinstance(outcome, Park):
                 self._publish_parked(publisher, delivery, outcome)
@@ -930,6 +937,7 @@ class ConsumerProcess:
         for tag in singles:
             channel.basic_ack(delivery_tag=tag)
         metrics.window_acked(self.spec, window, outcomes, started)
+        return True
 
     def _validated(self, delivery: Delivery) -> Parsed:
         """`validate`, and should validation itself crash, a rejection (it would crash again)."""

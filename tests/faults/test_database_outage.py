@@ -119,3 +119,60 @@ def test_payments_flowing_through_a_database_outage_are_all_applied() -> None:
             assert system.orders("check", check=False).returncode == 0
         finally:
             events.stop()
+
+
+def test_a_consumer_stopped_during_an_outage_exits_and_leaves_its_window_to_the_next() -> None:
+    # Given a payment consumer holding payments while PostgreSQL is down
+    with fresh_system(TRANSIENT_RETRY_SECONDS="1", ORDER_PAYMENT_TIMEOUT="30m") as system:
+        system.start("order.catalog", "order.placement", "order.payment", "order.unrouted")
+        events = EventListener(system.amqp_url).start()
+        try:
+            skus = seed_catalog(system, events, skus=2, units=10)
+            created = []
+            for i in range(5):
+                request_id = unique("sreq")
+                body = {
+                    "request_id": request_id,
+                    "user_id": "suser",
+                    "order_type": "physical",
+                    "items": [{"sku": skus[i % 2], "quantity": 1}],
+                    "receiver": RECEIVER,
+                }
+                system.send("order.place", body)
+                created.append(events.one("order.created", request_id=request_id, timeout=30))
+            _pg_ctl("stop")
+            try:
+                with system.publisher() as pub:
+                    for order in created:
+                        body = {
+                            "order_no": order["order_no"],
+                            "payment_no": unique("spay"),
+                            "method": "card",
+                            "amount": order["payable"],
+                            "paid_at": datetime.now(UTC).isoformat(),
+                        }
+                        pub.send("payment.notify", system.signed(body))
+                time.sleep(5)  # past the transient budget: the consumer is waiting the outage out
+
+                # When it is asked to stop
+                started = time.monotonic()
+                codes = system.stop("order.payment", timeout=60)
+
+                # Then it exits cleanly and promptly, without acking what it could not apply
+                assert codes == {"order.payment": 0}
+                assert time.monotonic() - started < 30
+            finally:
+                _pg_ctl("start")
+
+            # And the next consumer applies every payment once the database is back, none parked
+            system.start("order.payment")
+            paid = events.wait_for(
+                "order.paid",
+                count=len(created),
+                where=lambda b: b["order_no"] in {o["order_no"] for o in created},
+                timeout=120,
+            )
+            assert len({e.body["order_no"] for e in paid}) == len(created)
+            assert system.parked() == []
+        finally:
+            events.stop()
