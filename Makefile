@@ -38,7 +38,9 @@ test-integration: install services
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
 test-model: install services  ## the model-based test, long profile (MODEL_EXAMPLES / MODEL_STEPS to change it)
-	MODEL_EXAMPLES=$${MODEL_EXAMPLES:-200} MODEL_STEPS=$${MODEL_STEPS:-60} $(PY) -m pytest -q -p no:cacheprovider tests/model
+	MODEL_EXAMPLES=$${MODEL_EXAMPLES:-200} MODEL_STEPS=$${MODEL_STEPS:-60} \
+	MODEL_REVIEW_TIMEOUT=$${MODEL_REVIEW_TIMEOUT:-4s} MODEL_AUTO_CONFIRM=$${MODEL_AUTO_CONFIRM:-6s} \
+	$(PY) -m pytest -q -p no:cacheprovider tests/model
 
 test-faults: install services
 	$(PY) -m pytest -q -p no:cacheprovider tests/faults

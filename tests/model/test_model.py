@@ -20,7 +20,9 @@ A failure prints, after the shrunk steps, the commands of that example as a JSON
 `orders send ROUTING_KEY 'BODY' --message-id MESSAGE_ID` (order, after-sale and refund numbers
 are those of the failing run: on another system, substitute the ones its events name).
 
-Profiles: MODEL_EXAMPLES (default 30) examples of at most MODEL_STEPS (default 25) steps.
+Profiles: MODEL_EXAMPLES (default 30) examples of at most MODEL_STEPS (default 25) steps;
+MODEL_REVIEW_TIMEOUT / MODEL_AUTO_CONFIRM (default 1h: out of the way) make the after-sale
+review and auto-confirm timers race the commands too (`make test-model` sets 4s and 6s).
 """
 
 from __future__ import annotations
@@ -166,9 +168,10 @@ def world(infrastructure: None) -> Iterator[World]:
     global _WORLD
     with fresh_system(
         ORDER_PAYMENT_TIMEOUT=f"{int(PAYMENT_TIMEOUT_S)}s",
-        # The model races only the payment timer; the others stay out of the way.
-        AFTERSALE_REVIEW_TIMEOUT="1h",
-        AUTO_CONFIRM_RECEIPT_AFTER="1h",
+        # By default the model races only the payment timer; MODEL_REVIEW_TIMEOUT and
+        # MODEL_AUTO_CONFIRM (e.g. 4s, 6s) let the other two race the commands as well.
+        AFTERSALE_REVIEW_TIMEOUT=os.environ.get("MODEL_REVIEW_TIMEOUT", "1h"),
+        AUTO_CONFIRM_RECEIPT_AFTER=os.environ.get("MODEL_AUTO_CONFIRM", "1h"),
     ) as system:
         system.start(*CONSUMER_QUEUES)
         listener = EventListener(system.amqp_url).start()
