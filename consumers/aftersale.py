@@ -19,6 +19,7 @@ from consumers.schemas import (
     MerchantCancel,
 )
 from consumers.timers import TimerKind
+from domain.actors import SYSTEM, merchant, user
 from domain.errors import Reason, Refusal
 from domain.names import AFTERSALE_QUEUE, COMMANDS_EXCHANGE, Cmd, Evt, Timer
 from domain.status import (
@@ -27,6 +28,7 @@ from domain.status import (
     AfterSaleAction,
     AfterSaleStatus,
     OrderAction,
+    OrderType,
     can,
 )
 from settings import Settings
@@ -39,7 +41,6 @@ from store.uow import UnitOfWork
 
 log = logging.getLogger("aftersale")
 
-SYSTEM = "system"
 REFUND_ONLY = "REFUND_ONLY"
 RETURN_REFUND = "RETURN_REFUND"
 # How a merchant's approval moves an after-sale, by kind.
@@ -91,7 +92,7 @@ class AfterSales:
                 f"order {order.order_no} belongs to another user",
                 order_no=order.order_no,
             )
-        if order.parent_no is None and order.order_type != "virtual":
+        if order.parent_no is None and order.order_type != OrderType.VIRTUAL:
             raise Refusal(
                 Reason.INVALID_STATE,
                 f"order {order.order_no} is a parent order; name one of its children",
@@ -127,7 +128,7 @@ class AfterSales:
             "AFTERSALE_REQUESTED",
             None,
             None,
-            f"user:{cmd.user_id}",
+            user(cmd.user_id),
             {"aftersale_no": aftersale_no, "kind": cmd.kind, "amount": cmd.amount, "reason": cmd.reason},
         )
         uow.emit(
@@ -156,7 +157,7 @@ class AfterSales:
             raise Refusal(
                 Reason.INVALID_STATE, f"order {order.order_no} is {order.status}", order_no=order.order_no
             )
-        self._approve(uow, aftersale, order, f"merchant:{cmd.merchant_id}")
+        self._approve(uow, aftersale, order, merchant(cmd.merchant_id))
 
     def _approve(self, uow: UnitOfWork, aftersale: Row[Any], order: Row[Any], actor: str) -> None:
         status = store.move_aftersale(uow, aftersale, APPROVAL[aftersale.kind], actor)
@@ -192,7 +193,7 @@ class AfterSales:
         aftersale, _ = lock_claim(uow.conn, cmd.aftersale_no)
         require_merchant(aftersale, cmd.merchant_id, aftersale.merchant_id)
         status = store.move_aftersale(
-            uow, aftersale, AfterSaleAction.REJECT, f"merchant:{cmd.merchant_id}", reject_reason=cmd.reason
+            uow, aftersale, AfterSaleAction.REJECT, merchant(cmd.merchant_id), reject_reason=cmd.reason
         )
         uow.emit(
             Evt.AFTERSALE_REJECTED,
@@ -210,7 +211,7 @@ class AfterSales:
         """The returned goods arrived at the merchant: AWAITING_REFUND and the refund is requested."""
         aftersale, order = lock_claim(uow.conn, cmd.aftersale_no)
         require_merchant(aftersale, cmd.merchant_id, aftersale.merchant_id)
-        actor = f"merchant:{cmd.merchant_id}"
+        actor = merchant(cmd.merchant_id)
         store.move_aftersale(uow, aftersale, AfterSaleAction.RETURN_RECEIVED, actor)
         self._refund(uow, aftersale, order, actor)
 
@@ -275,7 +276,7 @@ class AfterSales:
                 order_no=order.order_no,
             )
         require_merchant(order, cmd.merchant_id, merchant_of(conn, order))
-        actor = f"merchant:{cmd.merchant_id}"
+        actor = merchant(cmd.merchant_id)
         existing = store.load_cancellation(conn, order.order_no)
         if existing is not None and existing.refund_no:
             # A repeat: resume rather than start again (a failed refund is submitted once more).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,9 +16,10 @@ from consumers.schemas import (
     OrderUpdateAddress,
 )
 from consumers.timers import TimerKind
+from domain.actors import SYSTEM, merchant, user
 from domain.errors import Reason, Refusal
 from domain.names import COMMANDS_EXCHANGE, FULFILLMENT_QUEUE, Cmd, Evt, Timer
-from domain.status import ORDER_TRANSITIONS, OrderAction, OrderStatus, can
+from domain.status import ORDER_TRANSITIONS, OrderAction, OrderStatus, OrderType, can
 from settings import Settings
 from store import tables as t
 from store.orders import (
@@ -34,7 +34,6 @@ from store.orders import (
 from store.refunds import open_refunds
 from store.uow import UnitOfWork
 
-SYSTEM = "system"
 LOGISTICS_UPDATE = "LOGISTICS_UPDATE"  # timeline action of a carrier's tracking update
 
 
@@ -48,7 +47,7 @@ def require_owner(order: Row[Any], user_id: str) -> None:
 
 def require_shippable_unit(conn: Connection, order: Row[Any]) -> None:
     """A command that takes a child must not name a parent that was split (nor a virtual order)."""
-    if order.order_type == "virtual":
+    if order.order_type == OrderType.VIRTUAL:
         raise Refusal(
             Reason.VIRTUAL_ORDER,
             f"order {order.order_no} is virtual and never ships",
@@ -96,7 +95,7 @@ class Fulfillment:
                 Reason.INVALID_STATE, f"order {parent.order_no} is {parent.status}", order_no=parent.order_no
             )
         receiver = cmd.receiver.model_dump()
-        actor = f"user:{cmd.user_id}"
+        actor = user(cmd.user_id)
         update_columns(uow, parent, receiver=receiver)
         uow.record(
             parent.order_no,
@@ -165,7 +164,7 @@ class Fulfillment:
             uow,
             order,
             OrderAction.SHIP,
-            f"merchant:{order.merchant_id}",
+            merchant(order.merchant_id),
             {"carrier": cmd.carrier, "tracking_no": cmd.tracking_no},
             carrier=cmd.carrier,
             tracking_no=cmd.tracking_no,
@@ -264,7 +263,7 @@ class Fulfillment:
         order = require_order(uow.conn, cmd.order_no)
         require_owner(order, cmd.user_id)
         require_shippable_unit(uow.conn, order)
-        self._complete(uow, order, f"user:{cmd.user_id}", auto=False)
+        self._complete(uow, order, user(cmd.user_id), auto=False)
 
     def auto_confirm(self, uow: UnitOfWork, order_no: str) -> None:
         """Timer AUTO_CONFIRM: complete the child if it is still shipped and unconfirmed."""
@@ -342,8 +341,3 @@ def timer_kinds(settings: Settings) -> list[TimerKind]:
     """The timers this module's flows start."""
     fulfillment = Fulfillment(settings)
     return [TimerKind(Timer.AUTO_CONFIRM, fulfillment.auto_confirm, fulfillment.overdue_receipts)]
-
-
-def refund_followups(settings: Settings) -> dict[str, Callable[[UnitOfWork, Any], None]]:
-    """What happens after a refund of each source this module creates succeeds (none: it makes no refunds)."""
-    return {}

@@ -19,6 +19,7 @@ from consumers.loop import ConsumerSpec, Route
 from consumers.schemas import OrderCancel, PaymentNotify, RefundResult
 from consumers.timers import TimerKind
 from domain import pricing, signing
+from domain.actors import PAYMENT_PROVIDER, REFUND_PROVIDER, SYSTEM, user
 from domain.errors import ParkCommand, Reason, Refusal
 from domain.names import COMMANDS_EXCHANGE, PAYMENT_QUEUE, Cmd, Evt, Timer
 from domain.status import (
@@ -27,6 +28,7 @@ from domain.status import (
     AfterSaleAction,
     OrderAction,
     OrderStatus,
+    OrderType,
     RefundAction,
     RefundStatus,
     can,
@@ -72,10 +74,7 @@ class PaymentOutcome:
 UNAPPLIED_PAYMENT_REFUNDS: Final = frozenset({Reason.LATE_PAYMENT, Reason.PAYMENT_REJECTED})
 
 
-PAYMENT_PROVIDER: Final = "payment-provider"
-REFUND_PROVIDER: Final = "refund-provider"
 PAYMENT_TIMER: Final = f"timer:{Timer.PAYMENT_TIMEOUT}"
-SYSTEM: Final = "system"
 
 # Timeline actions that are not status transitions.
 SPLIT: Final = "SPLIT"
@@ -86,10 +85,6 @@ REFUND_SUCCEEDED: Final = "REFUND_SUCCEEDED"
 REFUND_FAILED: Final = "REFUND_FAILED"
 LATE_PAYMENT_REFUNDED: Final = "LATE_PAYMENT_REFUNDED"
 REJECTED_PAYMENT_REFUNDED: Final = "REJECTED_PAYMENT_REFUNDED"
-
-
-def _user(user_id: str) -> str:
-    return f"user:{user_id}"
 
 
 def stock_items(moves: list[StockMove]) -> list[dict[str, Any]]:
@@ -397,7 +392,7 @@ class PaymentFlows:
         )
         uow.emit(Evt.STOCK_DEDUCTED, {"order_no": order.order_no, "items": stock_items(moves)})
         paid = require_order(conn, order.order_no)  # the new version, for the next guarded write
-        if paid.order_type == "virtual":
+        if paid.order_type == OrderType.VIRTUAL:
             completed = transition(
                 uow, paid, OrderAction.COMPLETE_VIRTUAL, SYSTEM, None, completed_at=uow.now
             )
@@ -518,7 +513,7 @@ class PaymentFlows:
             raise Refusal(Reason.NOT_YOUR_ORDER, f"order {found.order_no} belongs to another user")
         children = children_of(conn, found.order_no, lock=True)  # children before their parent
         order = require_order(conn, found.order_no)
-        actor = _user(cmd.user_id)
+        actor = user(cmd.user_id)
         if can(ORDER_TRANSITIONS, order.status, OrderAction.USER_CANCEL):
             cancel_unpaid(uow, order, OrderAction.USER_CANCEL, Reason.USER, actor)
             return
@@ -527,7 +522,7 @@ class PaymentFlows:
         shipped = [c.order_no for c in children if c.shipped_at is not None]
         if order.shipped_at is not None or shipped:
             raise Refusal(Reason.ALREADY_SHIPPED, f"already shipped: {', '.join(shipped) or order.order_no}")
-        if order.status != OrderStatus.PAID or order.order_type == "virtual":
+        if order.status != OrderStatus.PAID or order.order_type == OrderType.VIRTUAL:
             raise Refusal(Reason.INVALID_STATE, f"order {order.order_no} is {order.status}")
         pending = [
             r
@@ -676,11 +671,10 @@ def note_late_payment_refunded(uow: UnitOfWork, refund: Row[Any]) -> None:
 # Wiring
 
 
-def spec(settings: Settings) -> ConsumerSpec:
-    """The order.payment consumer: payment.notify, order.cancel and refund.result."""
-    from consumers.refund_followups import refund_followups as every_followup  # imports this module
-
-    flows = PaymentFlows(settings, every_followup(settings))
+def spec(settings: Settings, followups: Mapping[str, RefundFollowup]) -> ConsumerSpec:
+    """The order.payment consumer: payment.notify, order.cancel and refund.result; `followups`
+    (refund source -> what follows its success) come from every module that creates refunds."""
+    flows = PaymentFlows(settings, followups)
     routes = {
         Cmd.PAYMENT_NOTIFY: Route(PaymentNotify, flows.notify, flows.refuse_payment),
         Cmd.ORDER_CANCEL: Route(OrderCancel, flows.cancel, flows.refuse_cancel),

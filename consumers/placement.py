@@ -10,9 +10,10 @@ from sqlalchemy import Connection, Row, select
 from consumers.loop import ConsumerSpec, Route
 from consumers.schemas import OrderPlace
 from domain import pricing
+from domain.actors import user
 from domain.errors import Reason, Refusal
 from domain.names import COMMANDS_EXCHANGE, PLACEMENT_QUEUE, Cmd, Evt, Timer
-from domain.status import OrderStatus
+from domain.status import OrderStatus, OrderType
 from settings import Settings
 from store import coupons, numbers
 from store import tables as t
@@ -111,7 +112,7 @@ class OrderPlacement:
             raise Refusal(Reason.UNKNOWN_SKU, f"unknown SKU {', '.join(unknown)}")
 
         coupon = coupons.load_for_order(conn, cmd.coupon_code) if cmd.coupon_code else None
-        physical = cmd.order_type == "physical"
+        physical = cmd.order_type == OrderType.PHYSICAL
         order_no = reads.order_number(uow.now)
 
         # Lock in SKU order so that two multi-line orders never wait on each other in a cycle.
@@ -183,7 +184,7 @@ class OrderPlacement:
             "PLACE",
             None,
             OrderStatus.PENDING_PAYMENT,
-            f"user:{cmd.user_id}",
+            user(cmd.user_id),
             {"payable": quote.payable, "request_id": cmd.request_id},
         )
         uow.emit(

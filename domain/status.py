@@ -17,6 +17,11 @@ class OrderStatus(StrEnum):
     CLOSED = "CLOSED"
 
 
+class OrderType(StrEnum):
+    PHYSICAL = "physical"
+    VIRTUAL = "virtual"  # no children, never ships: completed when paid
+
+
 class OrderAction(StrEnum):
     PAY = "PAY"
     USER_CANCEL = "USER_CANCEL"

@@ -10,7 +10,8 @@ retry claims it again.
 
 A refund is created once per source (`uq_refunds_source`), announced with `refund.requested`,
 and settled by a signed `refund.result`. Follow-ups of a successful refund (closing the order,
-completing the after-sale, ...) are chosen by the refund's source in consumers/refund_followups.py.
+completing the after-sale, ...) are chosen by the refund's source: each module that creates
+refunds names its own, and consumers/registry.py hands them all to the payment consumer.
 """
 
 from __future__ import annotations
