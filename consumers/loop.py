@@ -536,16 +536,18 @@ class WindowApplier:
 
     def _envelope(self, parsed: Parsed) -> Envelope:
         d = parsed.delivery
-        message_id = wire.printable(d.message_id, wire.MAX_ID_CHARS) if d.message_id else None
-        # A rejected message's ids may be hostile: they go into the outbox escaped.
-        correlation_id = d.properties.correlation_id
+        message_id, correlation_id, routing_key = d.message_id, d.properties.correlation_id, d.routing_key
+        if parsed.rejection is not None:
+            # A rejected message's ids may be hostile: they go into the outbox escaped (a valid
+            # one's passed the wire checks, so this is off the hot path).
+            message_id = wire.printable(message_id, wire.MAX_ID_CHARS) if message_id else None
+            correlation_id = wire.printable(correlation_id, wire.MAX_ID_CHARS) if correlation_id else None
+            routing_key = wire.printable(routing_key, wire.MAX_ID_CHARS)
         return Envelope(
             consumer=self.spec.queue,
             message_id=message_id,
-            correlation_id=wire.printable(correlation_id, wire.MAX_ID_CHARS)
-            if correlation_id
-            else message_id,
-            routing_key=wire.printable(d.routing_key, wire.MAX_ID_CHARS),
+            correlation_id=correlation_id or message_id,
+            routing_key=routing_key,
             body=parsed.raw or {},
         )
 
@@ -678,18 +680,7 @@ class WindowApplier:
 
 
 # Headers the service itself writes on a retried or parked copy.
-_SERVICE_WRITTEN = frozenset(
-    {
-        n.PARKING_REASON_HEADER,
-        n.PARKING_CODE_HEADER,
-        n.ORIGINAL_ROUTING_KEY_HEADER,
-        n.ORIGINAL_EXCHANGE_HEADER,
-        n.ORIGINAL_QUEUE_HEADER,
-        n.ATTEMPTS_HEADER,
-        n.LAST_ERROR_HEADER,
-        n.PARKED_AT_HEADER,
-    }
-)
+_SERVICE_WRITTEN = _SERVICE_HEADERS | {n.PARKING_REASON_HEADER, n.PARKING_CODE_HEADER, n.PARKED_AT_HEADER}
 
 
 def rejected_body(envelope: Envelope, code: str, reason: str) -> dict[str, Any]:
@@ -757,16 +748,28 @@ def parked_headers(delivery: Delivery, queue: str, code: str, reason: str) -> di
     (`make_delivery`: never a producer's x-original-* header), and it is the only key a replay
     uses (`cli.format.replay_target`); replays always go to order.commands.
     """
-    headers = delivery.headers
-    headers.update(
+    return _copy_headers(
+        delivery,
+        queue,
         {
             n.PARKING_REASON_HEADER: reason[:2000],
             n.PARKING_CODE_HEADER: code,
+            n.PARKED_AT_HEADER: datetime.now(UTC).isoformat(),
+        },
+    )
+
+
+def _copy_headers(delivery: Delivery, queue: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """A retried or parked copy's headers: the message's own, where it was first delivered, one
+    more attempt, and `extra`."""
+    headers = delivery.headers
+    headers.update(
+        {
             n.ORIGINAL_ROUTING_KEY_HEADER: delivery.routing_key,
             n.ORIGINAL_EXCHANGE_HEADER: delivery.exchange,
             n.ORIGINAL_QUEUE_HEADER: queue,
             n.ATTEMPTS_HEADER: delivery.attempts + 1,
-            n.PARKED_AT_HEADER: datetime.now(UTC).isoformat(),
+            **extra,
         }
     )
     return headers
@@ -1009,16 +1012,7 @@ class ConsumerProcess:
 
     def _publish_retry(self, publisher: BlockingChannel, delivery: Delivery, outcome: Retry) -> None:
         step = self.retry_steps[min(delivery.attempts, len(self.retry_steps) - 1)]
-        headers = delivery.headers
-        headers.update(
-            {
-                n.ORIGINAL_ROUTING_KEY_HEADER: delivery.routing_key,
-                n.ORIGINAL_EXCHANGE_HEADER: delivery.exchange,
-                n.ORIGINAL_QUEUE_HEADER: self.spec.queue,
-                n.ATTEMPTS_HEADER: delivery.attempts + 1,
-                n.LAST_ERROR_HEADER: outcome.error[:1000],
-            }
-        )
+        headers = _copy_headers(delivery, self.spec.queue, {n.LAST_ERROR_HEADER: outcome.error[:1000]})
         self._publish_copy(
             publisher, n.RETRY_EXCHANGE, f"{format_duration(step)}.{self.spec.queue}", delivery, headers
         )

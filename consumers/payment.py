@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Final
 
 from sqlalchemy import Connection, Row, insert, select, update
@@ -335,10 +336,11 @@ class PaymentFlows:
         self.settings = settings
         self.followups = followups
 
-    @property
+    @cached_property
     def secret(self) -> str:
-        """The HMAC key, checked where it is used: unset or a published example value is refused
-        (InsecureSetting) outside DEV_MODE; run_consumer.py refuses to start on it first."""
+        """The HMAC key, checked where it is used (once: the settings never change): unset or a
+        published example value is refused (InsecureSetting) outside DEV_MODE; run_consumer.py
+        refuses to start on it first."""
         return self.settings.webhook_secret()
 
     # -- payment.notify -------------------------------------------------------------------------
