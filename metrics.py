@@ -1,9 +1,10 @@
 """Prometheus metrics and the `/healthz` endpoint of one consumer process (on `METRICS_PORT`).
 
-The consumer loop, the outbox relay and the reconnect paths call the small recording functions
-below; database gauges (outbox backlog and lag, pending timers, orders by status) are sampled
-by a background job every few seconds with cheap counts. Everything lives in one registry per
-process, served with the process and GC collectors by a WSGI server on a daemon thread.
+The consumer reports to `MetricsObserver` (its consumers.observer.Observer); the outbox relay,
+the sweeper and the reconnect paths call the small recording functions below. Database gauges
+(outbox backlog and lag, pending timers, orders by status) are sampled by a background job
+every few seconds with cheap counts. Everything lives in one registry per process, served
+with the process and GC collectors by a WSGI server on a daemon thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client
+import psycopg2
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -30,7 +32,11 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
+from consumers.delivery import Delivery
+from consumers.outcomes import Applied, Duplicate, Outcome, Park, Retry, WindowFailed
+from consumers.routes import ConsumerSpec
 from domain.names import Timer
 from domain.status import AfterSaleStatus, OrderStatus
 from logs import redact_text
@@ -38,8 +44,6 @@ from settings import Settings
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
-
-    from consumers.loop import ConsumerSpec, Delivery, Outcome
 
 log = logging.getLogger("metrics")
 
@@ -164,7 +168,7 @@ LAST_SAMPLE = Gauge(
 
 
 # ---------------------------------------------------------------------------------------------
-# Recording, called from the consumer loop and the relay
+# Recording: the consumer's observer, and the relay's, the sweeper's and the reconnects' counts
 
 
 def _routing_key(spec: ConsumerSpec, routing_key: str) -> str:
@@ -172,55 +176,54 @@ def _routing_key(spec: ConsumerSpec, routing_key: str) -> str:
     return routing_key if routing_key in spec.routes else UNKNOWN_ROUTING_KEY
 
 
-def window_received(spec: ConsumerSpec, window: Sequence[Delivery]) -> float:
-    """Count a window's messages as consumed; returns the start time for `window_acked`."""
-    WINDOW_SIZE.labels(spec.queue).observe(len(window))
-    for delivery in window:
-        CONSUMED.labels(spec.queue, _routing_key(spec, delivery.routing_key)).inc()
-    return time.perf_counter()
+class MetricsObserver:
+    """What the consumer reports (consumers.observer.Observer), recorded in this process's registry."""
 
+    def window_received(self, spec: ConsumerSpec, window: Sequence[Delivery]) -> float:
+        """Count a window's messages as consumed; returns the start time for `window_acked`."""
+        WINDOW_SIZE.labels(spec.queue).observe(len(window))
+        for delivery in window:
+            CONSUMED.labels(spec.queue, _routing_key(spec, delivery.routing_key)).inc()
+        return time.perf_counter()
 
-def window_acked(
-    spec: ConsumerSpec, window: Sequence[Delivery], outcomes: Sequence[Outcome], started: float
-) -> None:
-    """Count each message of an acked window by its outcome, and the window's duration."""
-    from consumers.loop import Applied, Duplicate, Park, Retry  # the loop imports this module
+    def window_acked(
+        self, spec: ConsumerSpec, window: Sequence[Delivery], outcomes: Sequence[Outcome], started: float
+    ) -> None:
+        """Count each message of an acked window by its outcome, and the window's duration."""
+        WINDOW_SECONDS.labels(spec.queue).observe(time.perf_counter() - started)
+        for delivery, outcome in zip(window, outcomes, strict=True):
+            labels = (spec.queue, _routing_key(spec, delivery.routing_key))
+            if isinstance(outcome, Applied):
+                APPLIED.labels(*labels).inc()
+            elif isinstance(outcome, Duplicate):
+                DUPLICATES.labels(*labels).inc()
+            elif isinstance(outcome, Park):
+                PARKED.labels(*labels, outcome.code).inc()
+            elif isinstance(outcome, Retry):
+                RETRIED.labels(*labels).inc()
 
-    WINDOW_SECONDS.labels(spec.queue).observe(time.perf_counter() - started)
-    for delivery, outcome in zip(window, outcomes, strict=True):
-        labels = (spec.queue, _routing_key(spec, delivery.routing_key))
-        if isinstance(outcome, Applied):
-            APPLIED.labels(*labels).inc()
-        elif isinstance(outcome, Duplicate):
-            DUPLICATES.labels(*labels).inc()
-        elif isinstance(outcome, Park):
-            PARKED.labels(*labels, outcome.code).inc()
-        elif isinstance(outcome, Retry):
-            RETRIED.labels(*labels).inc()
+    def time_handler(self, spec: ConsumerSpec, routing_key: str) -> Callable[[], None]:
+        """Start timing one message; call the result when it is done."""
+        started = time.perf_counter()
+        histogram = HANDLER_SECONDS.labels(spec.queue, _routing_key(spec, routing_key))
+        return lambda: histogram.observe(time.perf_counter() - started)
 
+    def command_refused(self, spec: ConsumerSpec, routing_key: str, reason: str) -> None:
+        REFUSED.labels(spec.queue, _routing_key(spec, routing_key), reason).inc()
 
-def time_handler(spec: ConsumerSpec, routing_key: str) -> Callable[[], None]:
-    """Start timing one message; call the result when it is done."""
-    started = time.perf_counter()
-    histogram = HANDLER_SECONDS.labels(spec.queue, _routing_key(spec, routing_key))
-    return lambda: histogram.observe(time.perf_counter() - started)
+    def transient_retry(self, queue: str) -> None:
+        TRANSIENT_RETRIES.labels(queue).inc()
 
+    def consumer_connected(self, queue: str, connected: bool) -> None:
+        CONSUMER_CONNECTED.labels(queue).set(1 if connected else 0)
+        _health.consuming[queue] = connected
 
-def command_refused(spec: ConsumerSpec, routing_key: str, reason: str) -> None:
-    REFUSED.labels(spec.queue, _routing_key(spec, routing_key), reason).inc()
-
-
-def transient_retry(queue: str) -> None:
-    TRANSIENT_RETRIES.labels(queue).inc()
+    def reconnecting(self, component: str, exc: BaseException) -> None:
+        reconnecting(component, exc)
 
 
 def sweeper_failed(kind: str) -> None:
     SWEEPER_FAILED.labels(kind).inc()
-
-
-def consumer_connected(queue: str, connected: bool) -> None:
-    CONSUMER_CONNECTED.labels(queue).set(1 if connected else 0)
-    _health.consuming[queue] = connected
 
 
 def reconnecting(component: str, exc: BaseException) -> None:
@@ -229,11 +232,6 @@ def reconnecting(component: str, exc: BaseException) -> None:
 
 
 def _is_database_error(exc: BaseException) -> bool:
-    import psycopg2
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from consumers.loop import WindowFailed
-
     return isinstance(exc, SQLAlchemyError | psycopg2.Error | WindowFailed)
 
 
@@ -357,7 +355,7 @@ class DatabaseSampler:
 
 @dataclass
 class _Health:
-    """What /healthz reports: set by `serve`, the consumer loop and the sampler."""
+    """What /healthz reports: set by `serve`, the consumer's observer and the sampler."""
 
     queue: str = ""
     engine: Engine | None = None

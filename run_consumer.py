@@ -20,7 +20,13 @@ import time
 from collections.abc import Callable
 
 import logs
+import metrics
+from consumers.process import ConsumerProcess
+from consumers.registry import consumer_specs
+from publishers.relay import OutboxRelay, relayed_writer
 from settings import Settings, load_settings, require_webhook_secret
+from store.db import make_engine
+from topology import declarer
 
 log = logging.getLogger("run_consumer")
 
@@ -40,13 +46,6 @@ def _periodic(
 
 def consume(queue: str, settings: Settings) -> int:
     """Run one queue's consumer in this process until SIGTERM/SIGINT."""
-    import metrics
-    from consumers.loop import ConsumerProcess
-    from consumers.registry import consumer_specs
-    from publishers.relay import OutboxRelay, relayed_writer
-    from store.db import make_engine
-    from topology import declarer
-
     spec = consumer_specs(settings)[queue]
     background: list[Callable[[threading.Event], None]] = []
     if settings.relay_enabled:
@@ -66,7 +65,10 @@ def consume(queue: str, settings: Settings) -> int:
     # garbage collector's full collections, which otherwise walk it all (about 75 ms a pass on a
     # slow 2-core box, a stall for every message in hand; about 1 ms once frozen).
     gc.freeze()
-    return ConsumerProcess(spec, settings, engine, declarer(settings), background).run()
+    process = ConsumerProcess(
+        spec, settings, engine, declarer(settings), background, observer=metrics.MetricsObserver()
+    )
+    return process.run()
 
 
 def supervise(queues: list[str]) -> int:
@@ -123,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--all", action="store_true", help="consume every queue --list names")
     args = parser.parse_args(argv)
     settings = load_settings()
-    from consumers.registry import consumer_specs
-
     known = list(consumer_specs(settings))
     if args.list:
         print("\n".join(known))

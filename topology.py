@@ -26,6 +26,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 import logs
+from consumers.registry import consumer_specs
 from domain import names as n
 from domain.names import Timer
 from settings import Settings, format_duration, load_settings
@@ -150,8 +151,6 @@ def declare(connection: pika.BlockingConnection, topology: Topology) -> list[str
 
 def declarer(settings: Settings) -> Any:
     """A function that declares the topology on an open channel's connection (used by consumers)."""
-    from consumers.registry import consumer_specs
-
     topology = build(settings, {q: s.bindings for q, s in consumer_specs(settings).items()})
 
     def declare_on(channel: BlockingChannel) -> None:
@@ -244,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
             f"vhost {vhost!r}: users {args.producer_user!r} (may only publish commands) and "
             f"{args.service_user!r} (the consumers' own resources)"
         )
-    from consumers.registry import consumer_specs
-
     topology = build(settings, {q: s.bindings for q, s in consumer_specs(settings).items()})
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench import common as c
-from tests.support import clean_up_on_sigterm
+from testing.system import clean_up_on_sigterm
 
 SCENARIOS = {
     "1": "raw",
@@ -51,13 +51,13 @@ def runner(name: str) -> Any:
 
 
 def machine() -> dict[str, Any]:
-    from tests.support import rabbit_api
+    from testing.broker import rabbit_api
 
     def pg_version() -> str:
         try:
             import psycopg2
 
-            from tests.support import PG_ADMIN_DSN
+            from testing.database import PG_ADMIN_DSN
 
             conn = psycopg2.connect(PG_ADMIN_DSN)
             with conn.cursor() as cur:

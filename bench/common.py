@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: output (bars, tables, JSON, plots), workload, publishers, probes.
 
-Everything runs against a `tests.support.fresh_system` (its own vhost and database); nothing
+Everything runs against a `testing.system.fresh_system` (its own vhost and database); nothing
 here is imported by the test suite.
 """
 
@@ -33,7 +33,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from tests.support import ROOT, EventListener, System, rabbit_api  # noqa: E402
+from testing.broker import EventListener, rabbit_api  # noqa: E402
+from testing.system import ROOT, System  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 console = Console()
@@ -414,7 +415,7 @@ def publish_with_bar(
 
 
 # --------------------------------------------------------------------------------------------
-# Receiving events with a receipt time (reusing tests.support.EventListener)
+# Receiving events with a receipt time (reusing testing.broker.EventListener)
 
 
 class TimedEvents(list):  # type: ignore[type-arg]

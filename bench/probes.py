@@ -27,7 +27,8 @@ from typing import Any
 
 import pika
 
-from tests.support import EventListener, System, clean_up_on_sigterm, fresh_system, timer_refs
+from testing.broker import EventListener, timer_refs
+from testing.system import System, clean_up_on_sigterm, fresh_system
 
 SKUS = [f"probe-{i}" for i in range(200)]
 

@@ -21,7 +21,7 @@ import psycopg2
 import psycopg2.extras
 
 from bench import common as c
-from tests.support import System, fresh_system
+from testing.system import System, fresh_system
 
 FLOOR_QUEUE = "bench.floor"
 SKUS = c.sku_names(200)

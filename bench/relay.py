@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from bench import common as c
-from tests.support import fresh_system, queue_counts
+from testing.broker import queue_counts
+from testing.system import fresh_system
 
 
 def relay(ctx: c.Context) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import common as c
-from tests.support import System, fresh_system, queue_counts
+from testing.broker import queue_counts
+from testing.system import System, fresh_system
 
 SKUS = c.sku_names(200)
 PYSPY = shutil.which("py-spy") or "/tmp/pyspy/bin/py-spy"

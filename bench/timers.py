@@ -14,7 +14,8 @@ import pika
 
 from bench import common as c
 from bench.service import SKUS, placing_service
-from tests.support import System, fresh_system, queue_counts, timer_refs
+from testing.broker import queue_counts, timer_refs
+from testing.system import System, fresh_system
 
 FIRED_SINK = "bench.timers.fired"
 

@@ -135,7 +135,7 @@ def replay_target(
 
     Always order.commands, whatever the headers say: a replay must not publish a producer's body
     on order.events or the timer exchanges. The routing key is the one the service recorded
-    when it parked the message (`consumers.loop.parked_headers` writes it from the delivery the
+    when it parked the message (`consumers.amqp.parked_headers` writes it from the delivery the
     service saw, never from a producer's header); a message parked by hand without it goes back
     by its type.
     """

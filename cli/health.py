@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 
 from cli.format import describe_error
 from cli.views import unsent_outbox
-from consumers.loop import connection_parameters
+from consumers.amqp import connection_parameters
 from domain.names import PARKING_LOT_QUEUE
 from settings import Settings
 

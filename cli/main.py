@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from cli import render, views
 from cli.format import describe_error, parse_since, to_json
+from consumers.registry import consumer_specs
 from domain.errors import Refusal
 from settings import InsecureSetting, Settings, load_settings
 from store.db import make_engine
@@ -258,7 +259,7 @@ def refunds(
 @app.command("refund-retry")
 def refund_retry(refund_no: Annotated[str, typer.Argument(help="A FAILED refund.")]) -> None:
     """Submit a FAILED refund again: `refund.requested` goes out through the outbox."""
-    from store.refunds import retry_refund
+    from consumers.refunds import retry_refund
     from store.uow import Envelope, UnitOfWork
 
     # Events caused by an operator still carry a correlation_id (the contract asks it of every message).
@@ -298,7 +299,6 @@ def health(
 ) -> None:
     """Database, broker, consumer queues, parking lot and outbox lag; exits 1 when unhealthy."""
     from cli.health import Thresholds, broker_components, database_components
-    from consumers.registry import consumer_specs
 
     settings = _settings()
     thresholds = Thresholds(max_outbox_age, max_queue_depth, max_parked)

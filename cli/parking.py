@@ -19,7 +19,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from cli.format import parked_summary, replay_headers, replay_target
-from consumers.loop import connection_parameters, copy_properties, settle_parked
+from consumers.amqp import connection_parameters, copy_properties, settle_parked
 from domain.names import COMMANDS_EXCHANGE, PARKING_LOT_QUEUE
 from settings import Settings
 

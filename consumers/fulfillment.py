@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
+from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, Row, select
-
-from consumers.loop import ConsumerSpec, Route
+from consumers.common import derive_parent
+from consumers.events import (
+    OrderAddressUpdated,
+    OrderCompleted,
+    OrderLogisticsUpdated,
+    OrderRejected,
+    OrderShipped,
+)
+from consumers.routes import ConsumerSpec, Route
 from consumers.schemas import (
     Command,
     LogisticsUpdate,
@@ -18,26 +25,16 @@ from consumers.schemas import (
 from consumers.timers import TimerKind
 from domain.actors import SYSTEM, merchant, user
 from domain.errors import Reason, Refusal
-from domain.names import COMMANDS_EXCHANGE, FULFILLMENT_QUEUE, Cmd, Evt, Timer
-from domain.status import ORDER_TRANSITIONS, OrderAction, OrderStatus, OrderType, can
+from domain.names import COMMANDS_EXCHANGE, FULFILLMENT_QUEUE, Cmd, Timer
+from domain.status import ORDER_TRANSITIONS, OrderAction, OrderType, can
 from settings import Settings
-from store import tables as t
-from store.orders import (
-    children_of,
-    derive_parent,
-    load_order,
-    refusal_subject,
-    require_order,
-    transition,
-    update_columns,
-)
-from store.refunds import open_refunds
-from store.uow import UnitOfWork
+from store.orders import overdue_receipts
+from store.ports import Record, UnitOfWork
 
 LOGISTICS_UPDATE = "LOGISTICS_UPDATE"  # timeline action of a carrier's tracking update
 
 
-def require_owner(order: Row[Any], user_id: str) -> None:
+def require_owner(order: Record, user_id: str) -> None:
     """Refusal(NOT_YOUR_ORDER) unless the user placed the order."""
     if order.user_id != user_id:
         raise Refusal(
@@ -45,7 +42,7 @@ def require_owner(order: Row[Any], user_id: str) -> None:
         )
 
 
-def require_shippable_unit(conn: Connection, order: Row[Any]) -> None:
+def require_shippable_unit(order: Record) -> None:
     """A command that takes a child must not name a parent that was split (nor a virtual order)."""
     if order.order_type == OrderType.VIRTUAL:
         raise Refusal(
@@ -71,8 +68,8 @@ class Fulfillment:
 
     def update_address(self, cmd: OrderUpdateAddress, uow: UnitOfWork) -> None:
         """Change the receiver of a parent and its children while none of them has shipped."""
-        conn = uow.conn
-        found = require_order(conn, cmd.order_no, lock=False)
+        orders = uow.orders
+        found = orders.require(cmd.order_no, lock=False)
         require_owner(found, cmd.user_id)
         if found.parent_no is not None:
             raise Refusal(
@@ -81,8 +78,8 @@ class Fulfillment:
                 order_no=found.order_no,
             )
         # Lock children before the parent: the same order as ship/confirm (child, then parent).
-        children = children_of(conn, cmd.order_no, lock=True)
-        parent = require_order(conn, cmd.order_no)
+        children = orders.children(cmd.order_no, lock=True)
+        parent = orders.require(cmd.order_no)
         shipped = [c.order_no for c in children if c.shipped_at is not None]
         if shipped or parent.shipped_at is not None:
             raise Refusal(
@@ -96,7 +93,7 @@ class Fulfillment:
             )
         receiver = cmd.receiver.model_dump()
         actor = user(cmd.user_id)
-        update_columns(uow, parent, receiver=receiver)
+        orders.update(parent, receiver=receiver)
         uow.record(
             parent.order_no,
             OrderAction.UPDATE_ADDRESS.value,
@@ -108,7 +105,7 @@ class Fulfillment:
         updated = [parent.order_no]
         for child in children:
             if can(ORDER_TRANSITIONS, child.status, OrderAction.UPDATE_ADDRESS):
-                update_columns(uow, child, receiver=receiver)
+                orders.update(child, receiver=receiver)
                 uow.record(
                     child.order_no,
                     OrderAction.UPDATE_ADDRESS.value,
@@ -119,29 +116,22 @@ class Fulfillment:
                 )
                 updated.append(child.order_no)
         uow.emit(
-            Evt.ORDER_ADDRESS_UPDATED,
-            {
-                "order_no": parent.order_no,
-                "user_id": parent.user_id,
-                "status": parent.status,
-                "receiver": receiver,
-                "orders": updated,
-            },
+            OrderAddressUpdated(
+                order_no=parent.order_no,
+                user_id=parent.user_id,
+                status=parent.status,
+                receiver=receiver,
+                orders=updated,
+            )
         )
 
     # -- order.ship ---------------------------------------------------------------------------
 
     def ship(self, cmd: OrderShip, uow: UnitOfWork) -> None:
         """A paid child leaves the warehouse: SHIPPED, its auto-confirm timer starts."""
-        conn = uow.conn
-        order = require_order(conn, cmd.order_no)
-        require_shippable_unit(conn, order)
-        being_cancelled = conn.execute(
-            select(t.merchant_cancellations.c.step).where(
-                t.merchant_cancellations.c.order_no == order.order_no
-            )
-        ).scalar()
-        if being_cancelled:
+        order = uow.orders.require(cmd.order_no)
+        require_shippable_unit(order)
+        if uow.aftersales.load_cancellation(order.order_no, lock=False) is not None:
             raise Refusal(
                 Reason.INVALID_STATE,
                 f"order {order.order_no} is being cancelled by its merchant",
@@ -150,7 +140,7 @@ class Fulfillment:
         # The user cancelled the paid order and its refund is under way: nothing may ship now.
         cancelling = [
             r
-            for r in open_refunds(uow, [order.parent_no or order.order_no])
+            for r in uow.refunds.open_for([order.parent_no or order.order_no])
             if r.source == Reason.USER_CANCEL
         ]
         if cancelling:
@@ -160,8 +150,7 @@ class Fulfillment:
                 f"(refund {cancelling[0].refund_no})",
                 order_no=order.order_no,
             )
-        status = transition(
-            uow,
+        status = uow.orders.transition(
             order,
             OrderAction.SHIP,
             merchant(order.merchant_id),
@@ -171,18 +160,17 @@ class Fulfillment:
             shipped_at=uow.now,
         )
         uow.emit(
-            Evt.ORDER_SHIPPED,
-            {
-                "order_no": order.order_no,
-                "parent_no": order.parent_no,
-                "user_id": order.user_id,
-                "merchant_id": order.merchant_id,
-                "status": status,
-                "carrier": cmd.carrier,
-                "tracking_no": cmd.tracking_no,
-                "shipped_at": uow.now.isoformat(),
-                "auto_confirm_at": (uow.now + self.auto_confirm_after).isoformat(),
-            },
+            OrderShipped(
+                order_no=order.order_no,
+                parent_no=order.parent_no,
+                user_id=order.user_id,
+                merchant_id=order.merchant_id,
+                status=status,
+                carrier=cmd.carrier,
+                tracking_no=cmd.tracking_no,
+                shipped_at=uow.now.isoformat(),
+                auto_confirm_at=(uow.now + self.auto_confirm_after).isoformat(),
+            )
         )
         derive_parent(uow, order.parent_no, SYSTEM)
         uow.start_timer(Timer.AUTO_CONFIRM, order.order_no, self.auto_confirm_after)
@@ -191,9 +179,8 @@ class Fulfillment:
 
     def logistics(self, cmd: LogisticsUpdate, uow: UnitOfWork) -> None:
         """Keep a carrier update in the timeline; only a newer one replaces the current status."""
-        conn = uow.conn
-        order = require_order(conn, cmd.order_no)
-        require_shippable_unit(conn, order)
+        order = uow.orders.require(cmd.order_no)
+        require_shippable_unit(order)
         if order.shipped_at is None:
             raise Refusal(
                 Reason.INVALID_STATE, f"order {order.order_no} has not shipped", order_no=order.order_no
@@ -205,7 +192,9 @@ class Fulfillment:
                 order_no=order.order_no,
             )
         at = cmd.at.isoformat()
-        if self._already_kept(conn, order.order_no, cmd.tracking_no, cmd.status, at):
+        if uow.orders.timeline_has(
+            order.order_no, LOGISTICS_UPDATE, tracking_no=cmd.tracking_no, status=cmd.status, at=at
+        ):
             return  # an exact repeat of an update already kept: nothing new to say
         current = order.logistics_at is None or cmd.at >= order.logistics_at
         uow.record(
@@ -223,112 +212,76 @@ class Fulfillment:
             },
         )
         if current:
-            update_columns(uow, order, logistics_status=cmd.status, logistics_at=cmd.at)
+            uow.orders.update(order, logistics_status=cmd.status, logistics_at=cmd.at)
         uow.emit(
-            Evt.ORDER_LOGISTICS_UPDATED,
-            {
-                "order_no": order.order_no,
-                "status": order.status,
-                "tracking_no": cmd.tracking_no,
-                "logistics_status": cmd.status,
-                "at": at,
-                "detail": cmd.detail,
-                "current": current,
-                "current_logistics_status": cmd.status if current else order.logistics_status,
-            },
-        )
-
-    @staticmethod
-    def _already_kept(conn: Connection, order_no: str, tracking_no: str, status: str, at: str) -> bool:
-        detail = t.order_timeline.c.detail
-        return (
-            conn.execute(
-                select(t.order_timeline.c.id)
-                .where(
-                    t.order_timeline.c.order_no == order_no,
-                    t.order_timeline.c.action == LOGISTICS_UPDATE,
-                    detail["tracking_no"].astext == tracking_no,
-                    detail["status"].astext == status,
-                    detail["at"].astext == at,
-                )
-                .limit(1)
-            ).first()
-            is not None
+            OrderLogisticsUpdated(
+                order_no=order.order_no,
+                status=order.status,
+                tracking_no=cmd.tracking_no,
+                logistics_status=cmd.status,
+                at=at,
+                detail=cmd.detail,
+                current=current,
+                current_logistics_status=cmd.status if current else order.logistics_status,
+            )
         )
 
     # -- order.confirm-receipt and the auto-confirm timer --------------------------------------
 
     def confirm_receipt(self, cmd: OrderConfirmReceipt, uow: UnitOfWork) -> None:
         """The user confirms receipt of a shipped child: COMPLETED."""
-        order = require_order(uow.conn, cmd.order_no)
+        order = uow.orders.require(cmd.order_no)
         require_owner(order, cmd.user_id)
-        require_shippable_unit(uow.conn, order)
+        require_shippable_unit(order)
         self._complete(uow, order, user(cmd.user_id), auto=False)
 
     def auto_confirm(self, uow: UnitOfWork, order_no: str) -> None:
         """Timer AUTO_CONFIRM: complete the child if it is still shipped and unconfirmed."""
-        order = load_order(uow.conn, order_no)
+        order = uow.orders.load(order_no)
         if order is None or not can(ORDER_TRANSITIONS, order.status, OrderAction.CONFIRM_RECEIPT):
             return  # confirmed, closed or unknown: the timer has nothing left to do
         if order.shipped_at is None or order.shipped_at + self.auto_confirm_after > uow.now:
             return  # a timer before the stored deadline (forged or misrouted) changes nothing
         self._complete(uow, order, SYSTEM, auto=True)
 
-    def _complete(self, uow: UnitOfWork, order: Row[Any], actor: str, auto: bool) -> None:
-        status = transition(
-            uow, order, OrderAction.CONFIRM_RECEIPT, actor, {"auto": auto}, completed_at=uow.now
+    def _complete(self, uow: UnitOfWork, order: Record, actor: str, auto: bool) -> None:
+        status = uow.orders.transition(
+            order, OrderAction.CONFIRM_RECEIPT, actor, {"auto": auto}, completed_at=uow.now
         )
         uow.emit(
-            Evt.ORDER_COMPLETED,
-            {
-                "order_no": order.order_no,
-                "parent_no": order.parent_no,
-                "user_id": order.user_id,
-                "status": status,
-                "completed_at": uow.now.isoformat(),
-                "auto_confirmed": auto,
-            },
+            OrderCompleted(
+                order_no=order.order_no,
+                parent_no=order.parent_no,
+                user_id=order.user_id,
+                status=status,
+                completed_at=uow.now.isoformat(),
+                auto_confirmed=auto,
+            )
         )
         derive_parent(uow, order.parent_no, SYSTEM)
-
-    def overdue_receipts(self, conn: Connection, cutoff: datetime, limit: int) -> list[str]:
-        """Shipped children whose auto-confirm deadline is before `cutoff` (SKIP LOCKED)."""
-        rows = conn.execute(
-            select(t.orders.c.order_no)
-            .where(
-                t.orders.c.status == OrderStatus.SHIPPED,
-                t.orders.c.shipped_at < cutoff - self.auto_confirm_after,
-            )
-            .order_by(t.orders.c.shipped_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
-        return [r.order_no for r in rows]
 
 
 def announce_refusal(cmd: Command, refusal: Refusal, uow: UnitOfWork) -> None:
     """order.rejected for a refused fulfillment command (with the order's user when known)."""
     order_no = refusal.fields.get("order_no") or getattr(cmd, "order_no", None)
-    subject = refusal_subject(uow.conn, str(order_no) if order_no else None)
+    subject = uow.orders.refusal_subject(str(order_no) if order_no else None)
     sender = getattr(cmd, "user_id", None)
     if sender is not None and sender != subject["user_id"]:
         # Answer the sender; never hand them another user's identifiers.
         subject.update(user_id=sender, request_id=None)
-    uow.emit(
-        Evt.ORDER_REJECTED,
-        {
-            **subject,
-            "reason": refusal.reason,
-            "detail": refusal.detail,
-            "command": uow.envelope.routing_key,
-            **{k: v for k, v in refusal.fields.items() if k != "order_no"},
-        },
-    )
+    fields: dict[str, Any] = {
+        **subject,
+        "reason": refusal.reason,
+        "detail": refusal.detail,
+        "command": uow.envelope.routing_key,
+        **{k: v for k, v in refusal.fields.items() if k != "order_no"},
+    }
+    uow.emit(OrderRejected(**fields))
 
 
 def spec(settings: Settings) -> ConsumerSpec:
     fulfillment = Fulfillment(settings)
-    routes: dict[str, Route] = {
+    routes: dict[str, Route[Any]] = {
         Cmd.ORDER_UPDATE_ADDRESS: Route(OrderUpdateAddress, fulfillment.update_address, announce_refusal),
         Cmd.ORDER_SHIP: Route(OrderShip, fulfillment.ship, announce_refusal),
         Cmd.LOGISTICS_UPDATE: Route(LogisticsUpdate, fulfillment.logistics, announce_refusal),
@@ -340,4 +293,5 @@ def spec(settings: Settings) -> ConsumerSpec:
 def timer_kinds(settings: Settings) -> list[TimerKind]:
     """The timers this module's flows start."""
     fulfillment = Fulfillment(settings)
-    return [TimerKind(Timer.AUTO_CONFIRM, fulfillment.auto_confirm, fulfillment.overdue_receipts)]
+    overdue = partial(overdue_receipts, auto_confirm_after=fulfillment.auto_confirm_after)
+    return [TimerKind(Timer.AUTO_CONFIRM, fulfillment.auto_confirm, overdue)]

@@ -8,28 +8,21 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine
-
 import metrics
-from consumers import aftersale, fulfillment, payment, wire
-from consumers.loop import ConsumerSpec, Delivery, Route
+from consumers import wire
+from consumers.delivery import Delivery
+from consumers.routes import ConsumerSpec, Route
 from consumers.schemas import TimerFired
 from consumers.timers import TimerKind
 from domain.errors import Refusal
 from domain.names import TIMEOUTS_QUEUE, TIMERS_FIRED_EXCHANGE, Timer
 from settings import Settings
-from store.uow import Envelope, UnitOfWork
+from store.envelope import Envelope
+from store.ports import UnitOfWork
+from store.timers import Database, SweepBatch, Transaction, sweep_batch
 
 log = logging.getLogger("timeouts")
 SWEEP_BATCH = 500
-
-
-def timer_kinds(settings: Settings) -> list[TimerKind]:
-    return [
-        *payment.timer_kinds(settings),
-        *fulfillment.timer_kinds(settings),
-        *aftersale.timer_kinds(settings),
-    ]
 
 
 def _targets(cmd: TimerFired, envelope: Envelope) -> list[tuple[str, Envelope]]:
@@ -48,10 +41,8 @@ def _fire(kind: TimerKind) -> Route:
         # Several timers: each in a savepoint of its own, so that one refused leaves the others.
         for ref, envelope in _targets(cmd, uow.envelope):
             try:
-                with uow.conn.begin_nested():
-                    one = UnitOfWork(uow.conn, envelope, uow.now, uow.window_stock)
+                with uow.savepoint(envelope) as one:
                     kind.fire(one, ref)
-                    one.flush()
             except Refusal:
                 continue
 
@@ -59,7 +50,7 @@ def _fire(kind: TimerKind) -> Route:
     if kind.fire_many is not None:
         fire_many = kind.fire_many
 
-        def apply_window(conn: Connection, now: datetime, items: list[tuple[TimerFired, Envelope]]) -> None:
+        def apply_window(conn: Transaction, now: datetime, items: list[tuple[TimerFired, Envelope]]) -> None:
             fire_many(conn, now, [target for cmd, envelope in items for target in _targets(cmd, envelope)])
 
     return Route(TimerFired, on_timer, apply_window=apply_window)
@@ -72,17 +63,17 @@ def sweep_envelope(kind: str, ref: str) -> Envelope:
     return Envelope("sweeper", None, f"sweeper:{kind}:{ref}", Timer.fired_key(kind))
 
 
-def sweeper(kinds: list[TimerKind]) -> Callable[[Engine, Settings], None]:
+def sweeper(kinds: list[TimerKind]) -> Callable[[Database, Settings], None]:
     """The backstop: applies timeouts whose timer message never came (queue purged, data lost)."""
 
-    def sweep(engine: Engine, settings: Settings) -> None:
+    def sweep(engine: Database, settings: Settings) -> None:
         for kind in kinds:
             sweep_kind(engine, settings, kind)
 
     return sweep
 
 
-def sweep_kind(engine: Engine, settings: Settings, kind: TimerKind) -> None:
+def sweep_kind(engine: Database, settings: Settings, kind: TimerKind) -> None:
     """One pass over one kind's overdue refs, in batches, each ref in a savepoint of its own.
 
     A ref that fails (any exception) is logged, counted and rolled back to its savepoint; the
@@ -96,12 +87,12 @@ def sweep_kind(engine: Engine, settings: Settings, kind: TimerKind) -> None:
         now = datetime.now(UTC)
         limit = SWEEP_BATCH + skipped
         applied = failed = 0
-        with engine.begin() as conn:
-            overdue = kind.overdue(conn, now - settings.sweeper_grace, limit)
+        with sweep_batch(engine) as batch:
+            overdue = batch.overdue(kind.overdue, now - settings.sweeper_grace, limit)
             refs = [ref for ref in overdue if ref not in seen]
             for ref in refs:
                 seen.add(ref)
-                outcome = _sweep_one(conn, kind, ref, now)
+                outcome = _sweep_one(batch, kind, ref, now)
                 applied += outcome == "applied"
                 failed += outcome == "failed"
                 skipped += outcome != "applied"
@@ -118,17 +109,14 @@ def sweep_kind(engine: Engine, settings: Settings, kind: TimerKind) -> None:
             break
 
 
-def _sweep_one(conn: Connection, kind: TimerKind, ref: str, now: datetime) -> str:
+def _sweep_one(batch: SweepBatch, kind: TimerKind, ref: str, now: datetime) -> str:
     """Apply one lost timer in a savepoint: "applied", "refused" or "failed" (rolled back)."""
     try:
-        with conn.begin_nested():
-            uow = UnitOfWork(conn, sweep_envelope(kind.kind, ref), now)
-            kind.fire(uow, ref)
-            uow.flush()
+        batch.apply(sweep_envelope(kind.kind, ref), now, lambda uow: kind.fire(uow, ref))
     except Refusal:
         return "refused"
     except Exception:
-        if conn.invalidated:  # the connection is gone: nothing more can be done in this transaction
+        if batch.lost:  # the connection is gone: nothing more can be done in this transaction
             raise
         log.exception("sweeper failed to apply a timer", extra={"kind": kind.kind, "ref": ref})
         metrics.sweeper_failed(kind.kind)
@@ -152,8 +140,9 @@ def due_at(delivery: Delivery) -> datetime | None:
     return due
 
 
-def spec(settings: Settings) -> ConsumerSpec:
-    kinds = timer_kinds(settings)
+def spec(settings: Settings, kinds: list[TimerKind]) -> ConsumerSpec:
+    """The order.timeouts consumer: a route for each timer kind in `kinds` (gathered by
+    consumers/registry.py from the modules that start them), and their backstop sweeper."""
     routes = {Timer.fired_key(k.kind): _fire(k) for k in kinds}
     # Bind every timer kind, even one with no handler yet, so fired timers are never unroutable.
     bindings = ((TIMERS_FIRED_EXCHANGE, "timer.#"),)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import Connection
-
-from store.uow import Envelope, UnitOfWork
+from store.ports import UnitOfWork
+from store.timers import FireMany, OverdueQuery
 
 
 @dataclass(frozen=True)
@@ -26,12 +24,14 @@ class TimerKind:
     fire(uow, ref): apply the timeout to `ref` if it still applies (a guarded, idempotent
         transition; a timer for something already settled changes nothing).
     overdue(conn, cutoff, limit): refs whose deadline is before `cutoff` and still pending,
-        selected `FOR UPDATE SKIP LOCKED` so that several sweepers share the work.
-    fire_many(conn, now, timers): optional, what `fire` does for each of many timers, set-based.
+        selected `FOR UPDATE SKIP LOCKED` so that several sweepers share the work (a store/
+        function: store.timers.OverdueQuery).
+    fire_many(conn, now, timers): optional, what `fire` does for each of many timers, set-based
+        (store.timers.FireMany).
     """
 
     kind: str
     fire: Callable[[UnitOfWork, str], None]
-    overdue: Callable[[Connection, datetime, int], list[str]]
+    overdue: OverdueQuery
     # Optional: the same effects for a whole window of timers at once (conn, now, [(ref, envelope)]).
-    fire_many: Callable[[Connection, datetime, list[tuple[str, Envelope]]], None] | None = None
+    fire_many: FireMany | None = None

@@ -5,7 +5,7 @@ It has no routes, so the loop rejects and parks every message with UNKNOWN_ROUTI
 
 from __future__ import annotations
 
-from consumers.loop import ConsumerSpec
+from consumers.routes import ConsumerSpec
 from domain.names import UNROUTED_EXCHANGE, UNROUTED_QUEUE
 from settings import Settings
 

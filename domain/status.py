@@ -31,6 +31,10 @@ class OrderAction(StrEnum):
     COMPLETE_VIRTUAL = "COMPLETE_VIRTUAL"
     REFUND_CLOSE = "REFUND_CLOSE"
     UPDATE_ADDRESS = "UPDATE_ADDRESS"  # no status change: allowed only while nothing has shipped
+    # No status change either: whether an after-sale may be opened (or approved) on the order,
+    # and whether its merchant may still cancel it.
+    OPEN_AFTERSALE = "OPEN_AFTERSALE"
+    MERCHANT_CANCEL = "MERCHANT_CANCEL"
 
 
 class AfterSaleStatus(StrEnum):
@@ -76,6 +80,12 @@ ORDER_TRANSITIONS: dict[tuple[OrderStatus, OrderAction], OrderStatus] = {
     (S.COMPLETED, A.REFUND_CLOSE): S.CLOSED,
     (S.PENDING_PAYMENT, A.UPDATE_ADDRESS): S.PENDING_PAYMENT,
     (S.PAID, A.UPDATE_ADDRESS): S.PAID,
+    # An order a refund may still close takes after-sales: paid, shipped or completed.
+    (S.PAID, A.OPEN_AFTERSALE): S.PAID,
+    (S.SHIPPED, A.OPEN_AFTERSALE): S.SHIPPED,
+    (S.COMPLETED, A.OPEN_AFTERSALE): S.COMPLETED,
+    # Only an order still waiting to ship may be cancelled by its merchant.
+    (S.PAID, A.MERCHANT_CANCEL): S.PAID,
 }
 
 AS, AA = AfterSaleStatus, AfterSaleAction

@@ -26,7 +26,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 import metrics
-from consumers.loop import connection_parameters
+from consumers.amqp import connection_parameters
 from domain.names import EVENTS_EXCHANGE, TIMERS_EXCHANGE
 from settings import Settings
 

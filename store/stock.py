@@ -9,11 +9,15 @@ required state and changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, text
 
 from domain.errors import Reason, Refusal
+from store import tables as t
+
+if TYPE_CHECKING:
+    from store.uow import UnitOfWork
 
 LOCKED, RELEASED, DEDUCTED, RESTORED = "LOCKED", "RELEASED", "DEDUCTED", "RESTORED"
 
@@ -113,29 +117,6 @@ def _apply(
                 {"d": _SALES_DELTA[(src, dst)] * m.quantity, "sku": m.sku},
             )
     return moves
-
-
-def release_stock(conn: Connection, order_no: str) -> list[StockMove]:
-    """Give an unpaid order's locked units back to `available` (idempotent)."""
-    return release_orders_stock(conn, [order_no]).get(order_no, [])
-
-
-def deduct_stock(conn: Connection, order_no: str) -> list[StockMove]:
-    """Turn a paid order's locked units into sold ones (idempotent)."""
-    return _apply(conn, order_no, None, LOCKED, DEDUCTED)
-
-
-def restore_stock(conn: Connection, order_no: str, child_order_no: str | None = None) -> list[StockMove]:
-    """Put a refunded order's (or one child's) sold units back on sale, reducing sales (idempotent)."""
-    return _apply(conn, order_no, child_order_no, DEDUCTED, RESTORED)
-
-
-def assign_child(conn: Connection, order_no: str, line_no: int, child_order_no: str) -> None:
-    """Tie a ledger line to the child order that ships it."""
-    conn.execute(
-        text("UPDATE stock_locks SET child_order_no = :child WHERE order_no = :o AND line_no = :l"),
-        {"child": child_order_no, "o": order_no, "l": line_no},
-    )
 
 
 class StockShortfall(Exception):
@@ -271,3 +252,45 @@ def release_orders_stock(conn: Connection, order_nos: list[str]) -> dict[str, li
     return {
         order_no: sorted(moves, key=lambda m: (m.sku, m.warehouse_id)) for order_no, moves in by_order.items()
     }
+
+
+class SqlStock:
+    """The `stock` repository on PostgreSQL (store.ports.Stock): stock rows and the stock-lock ledger."""
+
+    def __init__(self, uow: UnitOfWork) -> None:
+        self.uow = uow
+
+    def lock_line(self, sku: str, quantity: int, preferred_warehouse: str) -> str:
+        """Lock units of a SKU for an order line (now, or with the window's other locks before
+        commit); returns the warehouse they come from, or Refusal(OUT_OF_STOCK)."""
+        uow = self.uow
+        if uow.window_stock is None:
+            return lock_line(uow.conn, sku, quantity, preferred_warehouse)
+        return uow.window_stock.reserve(uow.conn, uow.stock_reserved, sku, quantity, preferred_warehouse)
+
+    def record_locks(self, order_no: str, locks: list[tuple[int, StockMove]]) -> None:
+        """Write the ledger rows (LOCKED) of a new order's lines (through `uow.insert`)."""
+        self.uow.insert(t.stock_locks, lock_rows(order_no, locks))
+
+    def release(self, order_no: str) -> list[StockMove]:
+        """Give an unpaid order's locked units back to `available` (idempotent)."""
+        return release_orders_stock(self.uow.conn, [order_no]).get(order_no, [])
+
+    def release_many(self, order_nos: list[str]) -> dict[str, list[StockMove]]:
+        """Release the locked lines of many unpaid orders at once (idempotent); moves by order."""
+        return release_orders_stock(self.uow.conn, order_nos)
+
+    def deduct(self, order_no: str) -> list[StockMove]:
+        """Turn a paid order's locked units into sold ones (idempotent)."""
+        return _apply(self.uow.conn, order_no, None, LOCKED, DEDUCTED)
+
+    def restore(self, order_no: str, child_order_no: str | None = None) -> list[StockMove]:
+        """Put a refunded order's (or one child's) sold units back on sale, reducing sales (idempotent)."""
+        return _apply(self.uow.conn, order_no, child_order_no, DEDUCTED, RESTORED)
+
+    def assign_child(self, order_no: str, line_no: int, child_order_no: str) -> None:
+        """Tie a ledger line to the child order that ships it."""
+        self.uow.conn.execute(
+            text("UPDATE stock_locks SET child_order_no = :child WHERE order_no = :o AND line_no = :l"),
+            {"child": child_order_no, "o": order_no, "l": line_no},
+        )

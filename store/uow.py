@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -17,18 +18,14 @@ from sqlalchemy.dialects.postgresql import JSONB
 from domain.names import EVENTS_EXCHANGE, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TIMERS_EXCHANGE
 from settings import format_duration
 from store import tables as t
-from store.stock import WindowStockLocks, lock_line
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What the unit of work needs to know about the message being applied."""
-
-    consumer: str
-    message_id: str | None
-    correlation_id: str | None
-    routing_key: str
-    body: Mapping[str, Any] = field(default_factory=dict)  # the raw JSON object (signatures need it)
+from store.aftersales import SqlAfterSales
+from store.catalog import SqlCatalog
+from store.coupons import SqlCoupons
+from store.envelope import Envelope as Envelope
+from store.orders import SqlOrders
+from store.ports import EventLike
+from store.refunds import SqlRefunds
+from store.stock import SqlStock, WindowStockLocks
 
 
 @dataclass
@@ -72,6 +69,22 @@ class UnitOfWork:
         self.buffer = buffer
         # What the route read for the whole window up front (Route.prefetch), if anything.
         self.prefetched: object | None = None
+        # Repositories (store.ports): each reads and writes through this unit of work.
+        self.orders = SqlOrders(self)
+        self.stock = SqlStock(self)
+        self.coupons = SqlCoupons(self)
+        self.catalog = SqlCatalog(self)
+        self.aftersales = SqlAfterSales(self)
+        self.refunds = SqlRefunds(self)
+
+    @contextmanager
+    def savepoint(self, envelope: Envelope) -> Iterator[UnitOfWork]:
+        """A unit of work for another message's effects (a timer of a merged timer message)
+        inside a savepoint of this one's transaction: if the block raises, only it is rolled back."""
+        with self.conn.begin_nested():
+            one = UnitOfWork(self.conn, envelope, self.now, self.window_stock)
+            yield one
+            one.flush()
 
     def insert(self, table: Table, rows: list[dict[str, Any]]) -> None:
         """Insert rows now, or into the window's write buffer when the window batches its writes."""
@@ -82,15 +95,6 @@ class UnitOfWork:
         else:
             insert_rows(self.conn, table, rows)
 
-    def lock_stock(self, sku: str, quantity: int, preferred_warehouse: str) -> str:
-        """Lock units of a SKU for an order line (now, or with the window's other locks before commit).
-
-        Returns the warehouse the units come from; Refusal(OUT_OF_STOCK) when none has enough.
-        """
-        if self.window_stock is None:
-            return lock_line(self.conn, sku, quantity, preferred_warehouse)
-        return self.window_stock.reserve(self.conn, self.stock_reserved, sku, quantity, preferred_warehouse)
-
     @property
     def correlation_id(self) -> str | None:
         return self.envelope.correlation_id or self.envelope.message_id
@@ -99,11 +103,16 @@ class UnitOfWork:
         """Insert the dedup row; False when this consumer already applied this message id."""
         return self.envelope.message_id in claim_all(self.conn, self.envelope.consumer, [self.envelope])
 
-    def emit(self, event: str, body: Mapping[str, Any]) -> None:
-        """Announce an event on order.events (published after commit)."""
-        self.outgoing.append(
-            OutboxRow(EVENTS_EXCHANGE, event, dict(body), correlation_id=self.correlation_id)
-        )
+    def emit(self, event: EventLike | str, body: Mapping[str, Any] | None = None) -> None:
+        """Announce an event on order.events (published after commit).
+
+        TRANSITION (issue 16): `emit(Evt.X, {...})` is the old form, being replaced by typed events.
+        """
+        if isinstance(event, str):
+            name, payload = event, dict(body or {})
+        else:
+            name, payload = event.name, event.body()
+        self.outgoing.append(OutboxRow(EVENTS_EXCHANGE, name, payload, correlation_id=self.correlation_id))
 
     def start_timer(self, kind: str, ref: str, delay: timedelta, **extra: Any) -> None:
         """Schedule a durable timer: it fires on the timeouts queue after `delay`."""

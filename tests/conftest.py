@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.support import EventListener, System, fresh_system
+from testing.broker import EventListener
+from testing.system import System, fresh_system
 
 # Property tests judge the code, not the machine: a slow or busy CI box must not fail them
 # on generation speed or per-example time.

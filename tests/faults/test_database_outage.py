@@ -21,9 +21,10 @@ from pathlib import Path
 import kombu.exceptions
 import pytest
 
-from tests.faults.invariants import assert_invariants
-from tests.faults.test_faults import RECEIVER, seed_catalog
-from tests.support import EventListener, fresh_system, unique
+from testing.broker import EventListener
+from testing.invariants import assert_invariants
+from testing.streams import RECEIVER, seed_catalog
+from testing.system import fresh_system, unique
 
 pytestmark = pytest.mark.faults
 

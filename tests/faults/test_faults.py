@@ -1,12 +1,11 @@
 """Fault tests: a stream of orders while the service, the broker or the database fails.
 
-After each fault, I1-I4 hold (tests/faults/invariants.py). These tests restart the local
+After each fault, I1-I4 hold (testing/invariants.py). These tests restart the local
 RabbitMQ and PostgreSQL, so they are meant to run alone: `make test-faults`.
 """
 
 from __future__ import annotations
 
-import random
 import subprocess
 import threading
 import time
@@ -19,13 +18,14 @@ import kombu.exceptions
 import pytest
 
 from publishers.commands import CommandPublisher
-from tests.faults.invariants import assert_invariants
-from tests.faults.tcp_proxy import TcpProxy
-from tests.support import AMQP_BASE, EventListener, System, fresh_system, unique
+from testing.broker import AMQP_BASE, EventListener
+from testing.invariants import assert_invariants
+from testing.streams import order_bodies, seed_catalog, wait_settled
+from testing.system import System, fresh_system, unique
+from testing.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.faults
 
-RECEIVER = {"name": "Han Meimei", "phone": "13900000000", "address": "9 River Street"}
 QUEUES = ("order.catalog", "order.placement", "order.unrouted")
 FAULT_ENV = {
     "HEARTBEAT": "2",
@@ -33,33 +33,6 @@ FAULT_ENV = {
     "PREFETCH": "20",
     "ORDER_PAYMENT_TIMEOUT": "10m",
 }
-
-
-def seed_catalog(system: System, events: EventListener, skus: int = 20, units: int = 10) -> list[str]:
-    names = [unique("fsku") for _ in range(skus)]
-    with system.publisher() as pub:
-        for sku in names:
-            pub.send(
-                "sku.upsert",
-                {"sku": sku, "name": sku, "unit_price": 990, "merchant_id": "M1", "warehouse_id": "W1"},
-            )
-            pub.send("stock.restock", {"sku": sku, "warehouse_id": "W1", "quantity": units})
-    events.wait_for("stock.restocked", count=skus, where=lambda b: b["sku"] in names, timeout=30)
-    return names
-
-
-def order_bodies(skus: list[str], count: int) -> list[dict]:
-    rng = random.Random(7)
-    return [
-        {
-            "request_id": unique("freq"),
-            "user_id": f"fuser-{i % 50}",
-            "order_type": "physical",
-            "items": [{"sku": sku, "quantity": 1} for sku in rng.sample(skus, rng.randint(1, 2))],
-            "receiver": RECEIVER,
-        }
-        for i in range(count)
-    ]
 
 
 def stream(system: System, bodies: list[dict], per_second: float, duplicate: bool = False) -> list[str]:
@@ -86,22 +59,6 @@ def send_until_confirmed(pub: CommandPublisher, body: dict, message_id: str, pat
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-
-
-def wait_settled(system: System, ids: list[str], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    wanted = set(ids)
-    while time.monotonic() < deadline:
-        done = {
-            r["message_id"]
-            for r in system.db.query(
-                "SELECT message_id FROM processed_messages WHERE consumer = 'order.placement'"
-            )
-        }
-        if wanted <= done:
-            return
-        time.sleep(0.5)
-    # Not all applied: the rest must be parked (checked by assert_invariants)
 
 
 def wait_outbox_drained(system: System, timeout: float = 60) -> None:

@@ -6,39 +6,12 @@ send the answer right after the request is seen.
 
 from __future__ import annotations
 
-from typing import Any
-
 from domain.errors import Reason
 from domain.names import Cmd, Evt
 from domain.status import AfterSaleStatus, OrderStatus
-from tests.integration.test_fulfillment import PaidOrder, given_paid_order, refund_result, status_of
-from tests.integration.test_placement import given_sku
-from tests.support import EventListener, System, unique
-
-
-def one_child_order(
-    system: System, events: EventListener, price: int = 3000
-) -> tuple[PaidOrder, str, str, int]:
-    """A paid order of one merchant: the order, its child, the merchant and the child's paid amount."""
-    merchant = unique("M")
-    sku = given_sku(system, events, price=price, stock=5, merchant=merchant)
-    order = given_paid_order(system, events, [(sku, 1)])
-    (child,) = order.children
-    paid = int(system.db.scalar("SELECT paid_amount FROM orders WHERE order_no = %s", child))
-    assert paid > 0
-    return order, child, merchant, paid
-
-
-def request(
-    system: System, events: EventListener, order: PaidOrder, child: str, kind: str, amount: int
-) -> dict[str, Any]:
-    """The user asks for an after-sale; returns aftersale.requested."""
-    reason = unique("reason")
-    system.send(
-        Cmd.AFTERSALE_REQUEST,
-        {"order_no": child, "user_id": order.user_id, "kind": kind, "amount": amount, "reason": reason},
-    )
-    return events.one(Evt.AFTERSALE_REQUESTED, order_no=child, reason=reason)
+from testing.broker import EventListener
+from testing.builders import one_child_order, refund_result, request, status_of
+from testing.system import System, unique
 
 
 def test_refund_only_partial_then_amount_too_big(system: System, events: EventListener) -> None:

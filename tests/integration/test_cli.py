@@ -12,8 +12,9 @@ from typing import Any
 import pika
 import pytest
 
-from tests.integration.test_placement import RECEIVER, given_sku
-from tests.support import EventListener, System, fresh_system, unique
+from testing.broker import EventListener
+from testing.builders import RECEIVER, given_sku
+from testing.system import System, fresh_system, unique
 
 
 def orders_json(system: System, *args: str) -> Any:

@@ -8,92 +8,15 @@ takes them).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from domain.errors import Reason
 from domain.names import Cmd, Evt, Timer
 from domain.status import OrderStatus
-from tests.integration.test_placement import RECEIVER, given_sku, stock_of
-from tests.support import EventListener, System, purge_queue, queue_counts, unique
+from testing.broker import EventListener, purge_queue, queue_counts
+from testing.builders import RECEIVER, given_paid_order, given_sku, ship, status_of, two_merchant_order
+from testing.system import System, unique
 from topology import delay_queue_name
-
-__all__ = ["PaidOrder", "given_paid_order", "refund_result", "stock_of"]
-
-
-@dataclass(frozen=True)
-class PaidOrder:
-    """A paid and split order: its parent, user and children (order_no -> split entry)."""
-
-    parent_no: str
-    user_id: str
-    children: dict[str, dict[str, Any]]
-
-    def child_of(self, merchant_id: str) -> str:
-        return next(no for no, c in self.children.items() if c["merchant_id"] == merchant_id)
-
-
-def given_paid_order(
-    system: System, events: EventListener, lines: list[tuple[str, int]], user_id: str | None = None
-) -> PaidOrder:
-    """Place an order for these (sku, quantity) lines and pay it at once (the pay timeout is 2s)."""
-    user_id = user_id or unique("user")
-    request_id = unique("req")
-    system.send(
-        Cmd.ORDER_PLACE,
-        {
-            "request_id": request_id,
-            "user_id": user_id,
-            "order_type": "physical",
-            "items": [{"sku": sku, "quantity": qty} for sku, qty in lines],
-            "receiver": RECEIVER,
-        },
-    )
-    created = events.one(Evt.ORDER_CREATED, request_id=request_id, user_id=user_id)
-    order_no = created["order_no"]
-    system.send(
-        Cmd.PAYMENT_NOTIFY,
-        system.signed(
-            {
-                "order_no": order_no,
-                "payment_no": unique("pay"),
-                "method": "wechat",
-                "amount": created["payable"],
-                "paid_at": datetime.now(UTC).isoformat(),
-            }
-        ),
-    )
-    split = events.one(Evt.ORDER_SPLIT, order_no=order_no)
-    return PaidOrder(order_no, user_id, {c["order_no"]: c for c in split["children"]})
-
-
-def refund_result(system: System, refund_no: str, status: str = "SUCCEEDED") -> str:
-    """The payment provider reports a refund's outcome (signed)."""
-    return system.send(
-        Cmd.REFUND_RESULT,
-        system.signed({"refund_no": refund_no, "status": status, "provider_refund_no": unique("prov")}),
-    )
-
-
-def status_of(system: System, order_no: str) -> str:
-    return str(system.db.scalar("SELECT status FROM orders WHERE order_no = %s", order_no))
-
-
-def ship(system: System, events: EventListener, order_no: str) -> dict[str, Any]:
-    tracking_no = unique("SF")
-    system.send(Cmd.ORDER_SHIP, {"order_no": order_no, "carrier": "SF", "tracking_no": tracking_no})
-    return events.one(Evt.ORDER_SHIPPED, order_no=order_no, tracking_no=tracking_no)
-
-
-def two_merchant_order(system: System, events: EventListener) -> tuple[PaidOrder, str, str]:
-    """A paid order of two merchants (two children); returns it and the merchants."""
-    m1, m2 = unique("M"), unique("M")
-    tea = given_sku(system, events, price=1200, stock=10, merchant=m1, warehouse="W1")
-    pot = given_sku(system, events, price=15000, stock=5, merchant=m2, warehouse="W2")
-    order = given_paid_order(system, events, [(tea, 2), (pot, 1)])
-    assert len(order.children) == 2
-    return order, m1, m2
 
 
 def test_ship_confirm_and_track_two_children(system: System, events: EventListener) -> None:

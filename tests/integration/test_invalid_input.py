@@ -6,25 +6,11 @@ import json
 import random
 import uuid
 
-import pika
 import pytest
 
-from tests.integration.test_placement import given_sku, place
-from tests.support import EventListener, System, unique
-
-
-def props(message_id: str | None, routing_key: str, **overrides: object) -> pika.BasicProperties:
-    values: dict = {
-        "message_id": message_id,
-        "correlation_id": message_id,
-        "type": routing_key,
-        "content_type": "application/json",
-        "delivery_mode": 2,
-        "headers": {"x-schema-version": 1},
-    }
-    values.update(overrides)
-    return pika.BasicProperties(**values)
-
+from testing.broker import EventListener
+from testing.builders import given_sku, place, props
+from testing.system import System, unique
 
 RESTOCK = {"sku": "x", "warehouse_id": "W1", "quantity": 1}
 # case -> (expected code, routing key, body, property overrides)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from domain.errors import Reason
 from domain.names import AFTERSALE_QUEUE, PAYMENT_QUEUE, Cmd, Evt
 from domain.status import OrderStatus
-from tests.integration.test_fulfillment import given_paid_order, refund_result, status_of, stock_of
-from tests.integration.test_placement import given_sku
-from tests.support import EventListener, System, unique
+from testing.broker import EventListener
+from testing.builders import given_paid_order, given_sku, refund_result, status_of, stock_of
+from testing.system import System, unique
 
 
 def sales_count(system: System, sku: str) -> int:

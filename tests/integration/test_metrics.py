@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_invalid_input import props
-from tests.support import System, admin_execute, fresh_system, unique
+from testing.builders import props
+from testing.database import admin_execute
+from testing.system import System, fresh_system, unique
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 QUEUE = "order.catalog"

@@ -14,10 +14,20 @@ from typing import Any
 from domain.errors import Reason
 from domain.names import Cmd, Evt
 from domain.status import AfterSaleStatus, OrderStatus, RefundStatus
-from tests.integration.test_aftersale import one_child_order, request
-from tests.integration.test_fulfillment import refund_result, ship, status_of, two_merchant_order
-from tests.integration.test_payment import cancel, notify_body, place_order
-from tests.support import EventListener, System, given_sku, unique
+from testing.broker import EventListener
+from testing.builders import (
+    cancel,
+    given_sku,
+    notify_body,
+    one_child_order,
+    place_order,
+    refund_result,
+    request,
+    ship,
+    status_of,
+    two_merchant_order,
+)
+from testing.system import System, unique
 
 
 def refunds_of_payment(system: System, payment_no: str) -> list[dict[str, Any]]:

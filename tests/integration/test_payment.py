@@ -3,90 +3,28 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from domain.errors import Reason
 from domain.names import PAYMENT_QUEUE, Cmd, Evt
 from domain.pricing import FREIGHT_PER_PACKAGE
-from tests.support import EventListener, System, given_sku, unique
-
-RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
-
-
-# --------------------------------------------------------------------------------------------
-# Given / When helpers (test_timeouts.py uses them too)
-
-
-def given_coupon(system: System, events: EventListener, user: str, amount: int) -> str:
-    code = unique("coupon")
-    system.send(
-        Cmd.COUPON_GRANT,
-        {
-            "code": code,
-            "user_id": user,
-            "amount": amount,
-            "min_spend": 0,
-            "expires_at": "2099-01-01T00:00:00Z",
-        },
-    )
-    events.one(Evt.COUPON_GRANTED, code=code)
-    return code
-
-
-def place_order(
-    system: System,
-    events: EventListener,
-    user: str,
-    items: list[dict[str, Any]],
-    order_type: str = "physical",
-    **extra: Any,
-) -> dict[str, Any]:
-    """Place an order and return its order.created event."""
-    request_id = unique("req")
-    body: dict[str, Any] = {
-        "request_id": request_id,
-        "user_id": user,
-        "order_type": order_type,
-        "items": items,
-        **extra,
-    }
-    if order_type == "physical":
-        body["receiver"] = RECEIVER
-    system.send(Cmd.ORDER_PLACE, body)
-    return events.one(Evt.ORDER_CREATED, request_id=request_id, user_id=user)
-
-
-def notify_body(system: System, order_no: str, amount: int, payment_no: str | None = None) -> dict[str, Any]:
-    """A payment.notify body signed with the service's secret."""
-    return system.signed(
-        {
-            "order_no": order_no,
-            "payment_no": payment_no or unique("pay"),
-            "method": "card",
-            "amount": amount,
-            "paid_at": datetime.now(UTC).isoformat(),
-        }
-    )
-
-
-def pay(system: System, order_no: str, amount: int, payment_no: str | None = None) -> tuple[str, str]:
-    """Send a signed payment; returns (message_id, payment_no)."""
-    body = notify_body(system, order_no, amount, payment_no)
-    return system.send(Cmd.PAYMENT_NOTIFY, body), body["payment_no"]
-
-
-def refund_result(system: System, refund_no: str, status: str) -> str:
-    body = system.signed({"refund_no": refund_no, "status": status, "provider_refund_no": unique("prv")})
-    return system.send(Cmd.REFUND_RESULT, body)
-
-
-def cancel(system: System, order_no: str, user: str) -> str:
-    return system.send(Cmd.ORDER_CANCEL, {"order_no": order_no, "user_id": user, "reason": "changed my mind"})
-
+from testing.broker import EventListener
+from testing.builders import (
+    RECEIVER,
+    assert_stock_adds_up,
+    cancel,
+    given_coupon,
+    given_sku,
+    notify_body,
+    order_row,
+    pay,
+    place_order,
+    refund_result,
+)
+from testing.system import System, unique
 
 # --------------------------------------------------------------------------------------------
-# Then helpers
+# Helpers only these tests use (the shared Given/When steps are in testing/builders.py)
 
 
 def wait_processed(
@@ -109,24 +47,6 @@ def caused(system: System, message_id: str) -> list[str]:
     """Routing keys of every message the service wrote to its outbox because of this command."""
     rows = system.db.query("SELECT routing_key FROM outbox WHERE correlation_id = %s ORDER BY id", message_id)
     return [r["routing_key"] for r in rows]
-
-
-def order_row(system: System, order_no: str) -> dict[str, Any]:
-    return system.db.one("SELECT * FROM orders WHERE order_no = %s", order_no)
-
-
-def assert_stock_adds_up(system: System, *skus: str) -> dict[str, int]:
-    """available + locked + sold == restocked_total for each SKU; returns the last SKU's counters."""
-    counts: dict[str, int] = {}
-    for sku in skus:
-        counts = system.db.one(
-            "SELECT sum(available)::int AS available, sum(locked)::int AS locked, sum(sold)::int AS sold, "
-            "sum(restocked_total)::int AS restocked FROM stock WHERE sku = %s",
-            sku,
-        )
-        assert counts["available"] + counts["locked"] + counts["sold"] == counts["restocked"], (sku, counts)
-        assert min(counts["available"], counts["locked"], counts["sold"]) >= 0, (sku, counts)
-    return counts
 
 
 def given_paid_two_package_order(

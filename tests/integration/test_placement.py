@@ -6,31 +6,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from domain.pricing import FREIGHT_PER_PACKAGE
-from tests.support import EventListener, System, fresh_system, given_sku, unique
-
-RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
-
-
-def place(
-    system: System, user: str, items: list[dict], request_id: str | None = None, **extra: object
-) -> str:
-    body = {
-        "request_id": request_id or unique("req"),
-        "user_id": user,
-        "order_type": "physical",
-        "items": items,
-        "receiver": RECEIVER,
-        **extra,
-    }
-    return system.send("order.place", body)
-
-
-def stock_of(system: System, sku: str) -> dict:
-    return system.db.one(
-        "SELECT sum(available) AS available, sum(locked) AS locked, sum(sold) AS sold, "
-        "sum(restocked_total) AS restocked FROM stock WHERE sku = %s",
-        sku,
-    )
+from testing.broker import EventListener
+from testing.builders import RECEIVER, given_sku, place, stock_of
+from testing.system import System, fresh_system, unique
 
 
 def test_happy_path_two_merchants(system: System, events: EventListener) -> None:

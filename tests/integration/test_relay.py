@@ -9,7 +9,8 @@ import uuid
 import psycopg2
 import psycopg2.extensions
 
-from tests.support import EventListener, fresh_system
+from testing.broker import EventListener
+from testing.system import fresh_system
 
 
 def insert_outbox(system, ids: list[str], exchange: str, routing_key: str) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import pika
 
 from domain.names import EVENTS_EXCHANGE, TIMERS_FIRED_EXCHANGE
-from tests.support import EventListener, System, fresh_system, unique
+from testing.broker import EventListener
+from testing.system import System, fresh_system, unique
 
 FORGED_HEADERS = {
     "x-schema-version": 1,

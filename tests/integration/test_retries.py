@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.test_placement import given_sku
-from tests.support import EventListener, System, fresh_system, unique
+from testing.broker import EventListener
+from testing.builders import given_sku
+from testing.system import System, fresh_system, unique
 
 # A real database failure for chosen SKUs: a trigger that raises (no mocks).
 FAILING_TRIGGER = """

@@ -10,7 +10,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from tests.support import AMQP_BASE, EventListener, fresh_system, rabbit_api, unique
+from testing.broker import AMQP_BASE, EventListener, rabbit_api
+from testing.system import fresh_system, unique
 
 
 def test_producer_can_only_publish_commands_and_service_user_runs_the_service() -> None:

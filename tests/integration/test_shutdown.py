@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from tests.faults.invariants import assert_invariants
-from tests.faults.test_faults import order_bodies, seed_catalog, wait_settled
-from tests.support import EventListener, fresh_system
+from testing.broker import EventListener
+from testing.invariants import assert_invariants
+from testing.streams import order_bodies, seed_catalog, wait_settled
+from testing.system import fresh_system
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, select
 
 from store import tables as t
 from store.uow import insert_rows
-from tests.support import System, unique
+from testing.system import System, unique
 
 
 def test_awkward_values_survive_the_copy(system: System) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from domain.errors import Reason
-from domain.names import PLACEMENT_QUEUE, TIMEOUTS_QUEUE, Evt
-from tests.integration.test_payment import given_sku, place_order
-from tests.integration.test_timeouts import CATALOG_QUEUE, own_system, wait_until
-from tests.support import purge_queue, queue_counts, unique
+from domain.names import CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE, Evt
+from testing.broker import purge_queue, queue_counts
+from testing.builders import given_sku, place_order
+from testing.system import own_system, unique, wait_until
 
 
 def test_the_events_of_a_swept_timer_carry_a_correlation_id() -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from domain.errors import Reason
-from domain.names import PLACEMENT_QUEUE, TIMEOUTS_QUEUE, Cmd, Evt, Timer
-from tests.integration.test_payment import (
+from domain.names import CATALOG_QUEUE, PLACEMENT_QUEUE, TIMEOUTS_QUEUE, Cmd, Evt, Timer
+from testing.broker import EventListener, purge_queue, queue_counts, queue_info
+from testing.builders import (
     RECEIVER,
     assert_stock_adds_up,
     given_coupon,
@@ -19,32 +18,9 @@ from tests.integration.test_payment import (
     pay,
     place_order,
 )
-from tests.support import EventListener, System, fresh_system, purge_queue, queue_counts, queue_info, unique
+from testing.system import System, fresh_system, own_system, unique, wait_until
 
-CATALOG_QUEUE = "order.catalog"
 TIMER_QUEUE_2S = "order.timer.payment-timeout.2s"
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"waited {timeout}s for {what}")
-
-
-@contextmanager
-def own_system(*queues: str, **env: str) -> Iterator[tuple[System, EventListener]]:
-    """A fresh system of the test's own (it changes timers or stops consumers), running
-    `queues`, with a listener for its events."""
-    with fresh_system(**env) as system:
-        system.start(*queues)
-        events = EventListener(system.amqp_url).start()
-        try:
-            yield system, events
-        finally:
-            events.stop()
 
 
 def test_an_unpaid_order_is_cancelled_with_its_stock_and_coupon_given_back(

@@ -8,7 +8,8 @@ import pytest
 
 from domain.signing import sign
 from settings import DEV_WEBHOOK_SECRET
-from tests.support import EventListener, fresh_system, queue_counts, unique
+from testing.broker import EventListener, queue_counts
+from testing.system import fresh_system, unique
 
 NO_SECRET = {"PAYMENT_WEBHOOK_SECRET": "", "DEV_MODE": "false"}
 

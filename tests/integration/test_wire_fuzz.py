@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from consumers.registry import consumer_specs
 from domain import names as n
 from settings import Settings
-from tests.support import EventListener, System, unique
+from testing.broker import EventListener
+from testing.system import System, unique
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 ANSWER_TIMEOUT = float(os.environ.get("FUZZ_ANSWER_TIMEOUT", "20"))

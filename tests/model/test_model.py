@@ -66,7 +66,8 @@ from domain.names import (
     UNROUTED_QUEUE,
 )
 from publishers.commands import CommandPublisher
-from tests.support import Event, EventListener, System, fresh_system
+from testing.broker import Event, EventListener
+from testing.system import System, fresh_system
 
 EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "30"))
 STEPS = int(os.environ.get("MODEL_STEPS", "25"))

@@ -6,7 +6,7 @@ import threading
 
 import pika.exceptions
 
-from consumers.loop import ConsumerProcess
+from consumers.process import ConsumerProcess
 from consumers.unrouted import spec
 from settings import Settings
 

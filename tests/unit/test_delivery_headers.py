@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pika
 
-from consumers.loop import make_delivery, parked_headers
+from consumers.amqp import parked_headers
+from consumers.delivery import make_delivery
 from domain import names as n
 
 FORGED = {

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pika
 
-from consumers.loop import Delivery, ack_plan, due_window
+from consumers.delivery import Delivery, ack_plan, due_window
 from consumers.timeouts import due_at
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)

@@ -141,3 +141,37 @@ def test_terminal_aftersale_statuses_have_no_way_out() -> None:
 def test_parent_status_follows_its_children(children: list[str], expected: OrderStatus) -> None:
     # Given children in these statuses, Then the parent's derived status is `expected`
     assert parent_status(children) == expected
+
+
+def test_after_sales_open_exactly_where_a_refund_may_close_the_order() -> None:
+    # Given every order status, Then an after-sale may be opened where REFUND_CLOSE is allowed
+    allowed = {s for s in S if can(ORDER_TRANSITIONS, s, A.OPEN_AFTERSALE)}
+    assert allowed == {s for s in S if can(ORDER_TRANSITIONS, s, A.REFUND_CLOSE)}
+    assert allowed == {S.PAID, S.SHIPPED, S.COMPLETED}
+    # And opening one never changes the order's status
+    assert all(next_order_status(s, A.OPEN_AFTERSALE) == s for s in allowed)
+
+
+def test_a_merchant_cancels_only_an_order_still_waiting_to_ship() -> None:
+    # Given every order status, Then the merchant may cancel exactly where the order may ship
+    allowed = {s for s in S if can(ORDER_TRANSITIONS, s, A.MERCHANT_CANCEL)}
+    assert allowed == {s for s in S if can(ORDER_TRANSITIONS, s, A.SHIP)}
+    assert allowed == {S.PAID}
+    # And the cancellation itself does not change the status (the refund closes the order later)
+    assert next_order_status(S.PAID, A.MERCHANT_CANCEL) == S.PAID
+
+
+@pytest.mark.parametrize("status", [S.PENDING_PAYMENT, S.SHIPPED, S.COMPLETED, S.CANCELLED, S.CLOSED])
+def test_merchant_cancel_is_refused_once_the_order_left_paid(status: OrderStatus) -> None:
+    # Given an order no longer waiting to ship, When its merchant cancels, Then it is refused
+    with pytest.raises(Refusal) as refused:
+        next_order_status(status, A.MERCHANT_CANCEL)
+    assert refused.value.reason == Reason.INVALID_STATE
+
+
+@pytest.mark.parametrize("status", [S.PENDING_PAYMENT, S.CANCELLED, S.CLOSED])
+def test_no_after_sale_on_an_unpaid_or_ended_order(status: OrderStatus) -> None:
+    # Given an order never paid, or already ended, When an after-sale is opened, Then it is refused
+    with pytest.raises(Refusal) as refused:
+        next_order_status(status, A.OPEN_AFTERSALE)
+    assert refused.value.reason == Reason.INVALID_STATE

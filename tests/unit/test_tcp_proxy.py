@@ -1,4 +1,4 @@
-"""Loopback tests for the fault-injection TCP proxy in ``tests/faults/tcp_proxy.py``."""
+"""Loopback tests for the fault-injection TCP proxy in ``testing/tcp_proxy.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.faults.tcp_proxy import TcpProxy
+from testing.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers import wire
-from consumers.loop import Delivery, validate
+from consumers.delivery import Delivery, validate
 from consumers.registry import consumer_specs
 from settings import Settings
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from cli.checks import run_checks
 from store.db import make_engine
-from tests.support import System
+from testing.system import System
 
 
 def parked_ids(system: System) -> set[str]:
