@@ -423,3 +423,10 @@ class AftersaleCompleted(Event):
     kind: str
     amount: int
     refund_no: str
+
+
+@event(Evt.ORDER_REMARKED)
+class OrderRemarked(Event):
+    order_no: str
+    author: str
+    text: str

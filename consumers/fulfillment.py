@@ -1,4 +1,4 @@
-"""Queue order.fulfillment: address changes, shipping, logistics tracking and receipt (by hand or timer)."""
+"""Queue order.fulfillment: address changes, remarks, shipping, tracking and receipt (by hand or timer)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from consumers.events import (
     OrderCompleted,
     OrderLogisticsUpdated,
     OrderRejected,
+    OrderRemarked,
     OrderShipped,
 )
 from consumers.routes import ConsumerSpec, Route
@@ -19,6 +20,7 @@ from consumers.schemas import (
     Command,
     LogisticsUpdate,
     OrderConfirmReceipt,
+    OrderRemark,
     OrderShip,
     OrderUpdateAddress,
 )
@@ -32,6 +34,7 @@ from store.orders import overdue_receipts
 from store.ports import Record, UnitOfWork
 
 LOGISTICS_UPDATE = "LOGISTICS_UPDATE"  # timeline action of a carrier's tracking update
+REMARK = "REMARK"  # timeline action of an order.remark
 
 
 def require_owner(order: Record, user_id: str) -> None:
@@ -228,6 +231,24 @@ class Fulfillment:
 
     # -- order.confirm-receipt and the auto-confirm timer --------------------------------------
 
+    # -- order.remark (v1.1) --------------------------------------------------------------------
+
+    def remark(self, cmd: OrderRemark, uow: UnitOfWork) -> None:
+        """A note on an order, kept in its timeline: by its buyer, by a merchant whose goods it
+        holds, or by an operator (`ops:`). The order itself does not change."""
+        order = uow.orders.require(cmd.order_no, lock=False)
+        kind, _, who = cmd.author.partition(":")
+        if kind == "user":
+            require_owner(order, who)
+        elif kind == "merchant" and who not in {item.merchant_id for item in uow.orders.items(order)}:
+            raise Refusal(
+                Reason.MERCHANT_MISMATCH,
+                f"order {order.order_no} holds no goods of merchant {who}",
+                order_no=order.order_no,
+            )
+        uow.record(order.order_no, REMARK, order.status, order.status, cmd.author, {"text": cmd.text})
+        uow.emit(OrderRemarked(order_no=order.order_no, author=cmd.author, text=cmd.text))
+
     def confirm_receipt(self, cmd: OrderConfirmReceipt, uow: UnitOfWork) -> None:
         """The user confirms receipt of a shipped child: COMPLETED."""
         order = uow.orders.require(cmd.order_no)
@@ -286,6 +307,7 @@ def spec(settings: Settings) -> ConsumerSpec:
         Cmd.ORDER_SHIP: Route(OrderShip, fulfillment.ship, announce_refusal),
         Cmd.LOGISTICS_UPDATE: Route(LogisticsUpdate, fulfillment.logistics, announce_refusal),
         Cmd.ORDER_CONFIRM_RECEIPT: Route(OrderConfirmReceipt, fulfillment.confirm_receipt, announce_refusal),
+        Cmd.ORDER_REMARK: Route(OrderRemark, fulfillment.remark, announce_refusal),
     }
     return ConsumerSpec(FULFILLMENT_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
 

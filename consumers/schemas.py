@@ -127,6 +127,19 @@ class OrderConfirmReceipt(Command):
     user_id: Identifier
 
 
+class OrderRemark(Command):
+    """v1.1: a free-text note on an order (parent or child), by its buyer, a merchant of its
+    goods or an operator."""
+
+    order_no: Identifier
+    author: Annotated[
+        str,
+        Field(min_length=5, max_length=80, pattern=r"^(user|merchant|ops):\S+$", strict=True),
+        AfterValidator(_printable),
+    ]
+    text: Annotated[str, Field(min_length=1, max_length=500, strict=True)]
+
+
 class AftersaleRequest(Command):
     order_no: Identifier
     user_id: Identifier

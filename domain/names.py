@@ -47,6 +47,7 @@ class Cmd:
     AFTERSALE_RETURN_RECEIVED: Final = "aftersale.return-received"
     MERCHANT_CANCEL: Final = "merchant.cancel"
     REFUND_RESULT: Final = "refund.result"
+    ORDER_REMARK: Final = "order.remark"  # v1.1
 
 
 class Timer:
@@ -90,6 +91,7 @@ class Evt:
     AFTERSALE_REJECTED: Final = "aftersale.rejected"
     AFTERSALE_COMPLETED: Final = "aftersale.completed"
     COMMAND_REJECTED: Final = "command.rejected"
+    ORDER_REMARKED: Final = "order.remarked"  # v1.1
 
 
 # AMQP headers.
