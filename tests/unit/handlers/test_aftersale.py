@@ -13,7 +13,7 @@ from domain.errors import Reason
 from domain.names import Cmd, Evt, Timer
 from domain.status import AfterSaleStatus, OrderStatus
 from testing.fakes.service import InProcessService
-from tests.unit.handlers.shop import (
+from testing.shop import (
     PaidOrder,
     advance,
     given_sku,

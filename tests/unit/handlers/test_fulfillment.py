@@ -11,7 +11,7 @@ from domain.errors import Reason
 from domain.names import Cmd, Evt, Timer
 from domain.status import OrderStatus
 from testing.fakes.service import InProcessService
-from tests.unit.handlers.shop import (
+from testing.shop import (
     RECEIVER,
     advance,
     given_sku,

@@ -18,7 +18,7 @@ from store.envelope import Envelope
 from testing.fakes.service import InProcessService
 from testing.fakes.uow import FakeUnitOfWork, new_envelope
 from testing.fakes.windows import FakeTimerWindow
-from tests.unit.handlers.shop import (
+from testing.shop import (
     RECEIVER,
     given_paid_order,
     given_sku,
