@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("metrics")
 
 # `_created` series double every counter's output and nobody on call reads them.
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -221,9 +221,8 @@ class MetricsObserver:
     def reconnecting(self, component: str, exc: BaseException) -> None:
         reconnecting(component, exc)
 
-
-def sweeper_failed(kind: str) -> None:
-    SWEEPER_FAILED.labels(kind).inc()
+    def sweeper_failed(self, kind: str) -> None:
+        SWEEPER_FAILED.labels(kind).inc()
 
 
 def reconnecting(component: str, exc: BaseException) -> None:
@@ -409,7 +408,7 @@ def _app(metrics_app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # a scrape every few seconds is not worth a log line
 
 

@@ -16,11 +16,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 import logs
 import metrics
+from consumers.amqp import allow_deep_headers
 from consumers.process import ConsumerProcess
 from consumers.registry import consumer_specs
 from publishers.relay import OutboxRelay, relayed_writer
@@ -46,7 +46,8 @@ def _periodic(
 
 def consume(queue: str, settings: Settings) -> int:
     """Run one queue's consumer in this process until SIGTERM/SIGINT."""
-    spec = consumer_specs(settings)[queue]
+    observer = metrics.MetricsObserver()
+    spec = consumer_specs(settings, observer)[queue]
     background: list[Callable[[threading.Event], None]] = []
     if settings.relay_enabled:
         # This process's relay publishes what its consumer writes; other relays leave its small
@@ -65,54 +66,68 @@ def consume(queue: str, settings: Settings) -> int:
     # garbage collector's full collections, which otherwise walk it all (about 75 ms a pass on a
     # slow 2-core box, a stall for every message in hand; about 1 ms once frozen).
     gc.freeze()
-    process = ConsumerProcess(
-        spec, settings, engine, declarer(settings), background, observer=metrics.MetricsObserver()
-    )
+    process = ConsumerProcess(spec, settings, engine, declarer(settings), background, observer=observer)
     return process.run()
+
+
+class _Children:
+    """`supervise`'s child processes, one per queue, and whether they are being stopped."""
+
+    def __init__(self, queues: list[str]) -> None:
+        self.queues = queues
+        self.stopping = threading.Event()
+        self.by_queue: dict[str, subprocess.Popen[bytes]] = {}
+        self.base_port = os.environ.get("METRICS_PORT")
+
+    def spawn(self, queue: str) -> None:
+        env = dict(os.environ)
+        if self.base_port:  # one metrics port per child: METRICS_PORT, +1, +2, ... in --list order
+            env["METRICS_PORT"] = str(int(self.base_port) + self.queues.index(queue))
+        self.by_queue[queue] = subprocess.Popen([sys.executable, __file__, queue], env=env)
+
+    def forward(self, signum: int, _frame: object) -> None:
+        self.stopping.set()
+        for child in self.by_queue.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def restart_exited(self) -> None:
+        for queue, child in list(self.by_queue.items()):
+            code = child.poll()
+            if code is not None and not self.stopping.is_set():
+                log.error("consumer exited; restarting", extra={"queue": queue, "exit_code": code})
+                # A stop asked during the pause must not start a child that never hears of it.
+                if self.stopping.wait(1):
+                    return
+                self.spawn(queue)
+
+    def wait(self) -> int:
+        """Wait for every child to exit (a minute each, then it is killed); their status ORed."""
+        status = 0
+        for child in self.by_queue.values():
+            if child.poll() is None:  # one started while the stop was being forwarded hears it too
+                child.terminate()
+        for child in self.by_queue.values():
+            try:
+                status |= child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                status = 1
+        return status
 
 
 def supervise(queues: list[str]) -> int:
     """One child process per queue; SIGTERM/SIGINT are passed on; a crashed child is restarted."""
-    stopping = threading.Event()
-    children: dict[str, subprocess.Popen[bytes]] = {}
-
-    base_port = os.environ.get("METRICS_PORT")
-
-    def spawn(queue: str) -> None:
-        env = dict(os.environ)
-        if base_port:  # one metrics port per child: METRICS_PORT, +1, +2, ... in --list order
-            env["METRICS_PORT"] = str(int(base_port) + queues.index(queue))
-        children[queue] = subprocess.Popen([sys.executable, __file__, queue], env=env)
-
-    def forward(signum: int, _frame: object) -> None:
-        stopping.set()
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    children = _Children(queues)
+    signal.signal(signal.SIGTERM, children.forward)
+    signal.signal(signal.SIGINT, children.forward)
     for queue in queues:
-        spawn(queue)
-    while not stopping.is_set():
-        for queue, child in list(children.items()):
-            code = child.poll()
-            if code is not None and not stopping.is_set():
-                log.error("consumer exited; restarting", extra={"queue": queue, "exit_code": code})
-                time.sleep(1)
-                spawn(queue)
-        stopping.wait(0.5)
-    status = 0
-    for child in children.values():
-        try:
-            status |= child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            status = 1
-    return status
+        children.spawn(queue)
+    while not children.stopping.is_set():
+        children.restart_exited()
+        children.stopping.wait(0.5)
+    return children.wait()
 
-
-HEADER_DECODE_RECURSION = 50_000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown queue(s): {', '.join(unknown)} (known: {', '.join(known)})")
     if len(queues) == 1:
-        # pika decodes a header table with two Python frames per level: a table nested as deep
-        # as a 128 KiB frame allows (about 18,000 levels) must not stop the queue with a
-        # RecursionError before validation can refuse it. Python-to-Python calls take no C
-        # stack in 3.11, and the JSON parser is guarded by a depth pre-scan (consumers/wire.py).
-        sys.setrecursionlimit(HEADER_DECODE_RECURSION)
+        allow_deep_headers()  # a hostile header must reach validation, not stop the queue
         logs.configure(settings.log_level, settings.log_format, queue=queues[0])
         require_webhook_secret(settings)  # unset or a published example: exit 2 naming it
         return consume(queues[0], settings)

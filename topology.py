@@ -26,7 +26,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 import logs
-from consumers.registry import consumer_specs
+from consumers.registry import consumer_specs, timer_kinds
 from domain import names as n
 from domain.names import Timer
 from settings import Settings, format_duration, load_settings
@@ -48,12 +48,8 @@ class Topology:
 
 
 def timer_durations(settings: Settings) -> dict[str, timedelta]:
-    """The delay of each timer kind under the current settings."""
-    return {
-        Timer.PAYMENT_TIMEOUT: settings.order_payment_timeout,
-        Timer.AUTO_CONFIRM: settings.auto_confirm_receipt_after,
-        Timer.AFTERSALE_REVIEW: settings.aftersale_review_timeout,
-    }
+    """The delay of each timer kind under the current settings (from the composition root)."""
+    return {kind.kind: kind.delay for kind in timer_kinds(settings)}
 
 
 def delay_queue_name(kind: str, delay: timedelta) -> str:
@@ -208,7 +204,7 @@ def create_users(settings: Settings, producer: str, service: str) -> str:
         os.environ.get("RABBITMQ_ADMIN_USER", "guest"),
         os.environ.get("RABBITMQ_ADMIN_PASSWORD", "guest"),
     )
-    vhost = pika.URLParameters(settings.amqp_url).virtual_host
+    vhost: str = pika.URLParameters(settings.amqp_url).virtual_host
     quoted = urllib.parse.quote(vhost, safe="")
     management_call(api, *admin, "PUT", f"/vhosts/{quoted}", {})
     for user, password_env, permissions in (

@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bench import common as c
@@ -73,10 +74,10 @@ def machine() -> dict[str, Any]:
         rabbit = f"{overview['rabbitmq_version']} (Erlang {overview['erlang_version']})"
     except Exception as exc:
         rabbit = f"unknown ({exc})"
-    mem_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), ""
-    )
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         runner("raw")(ctx, full=False)
         ran.append("raw")
     for name in chosen:
-        c.console.rule(f"{[k for k, v in SCENARIOS.items() if v == name][0]}. {name}")
+        c.console.rule(f"{next(k for k, v in SCENARIOS.items() if v == name)}. {name}")
         try:
             result = runner(name)(ctx)
             if name != "raw":

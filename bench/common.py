@@ -18,7 +18,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +26,15 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pika  # noqa: E402
-import psycopg2  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+import pika
+import psycopg2
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from testing.broker import EventListener, rabbit_api  # noqa: E402
-from testing.system import ROOT, System  # noqa: E402
+from testing.broker import EventListener, rabbit_api
+from testing.system import ROOT, System
 
 OUT = Path(__file__).resolve().parent / "out"
 console = Console()
@@ -317,6 +317,105 @@ class PublishResult:
         return len(self.sent_at) / (self.finished - self.started)
 
 
+class _ConfirmedPublisher:
+    """One `publish_async` run: the SelectConnection callbacks and what they count."""
+
+    def __init__(
+        self,
+        messages: Sequence[Outgoing],
+        window: int,
+        rate: float | None,
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
+        self.messages = messages
+        self.total = len(messages)
+        self.window = window
+        self.rate = rate
+        self.on_progress = on_progress
+        self.sent_at: dict[str, float] = {}
+        self.next_index = 0  # the next message to publish
+        self.seq = 0  # messages published: the last delivery tag
+        self.confirmed = 0
+        self.nacked = 0
+        self.started = 0.0
+        self.finished = 0.0
+        # At most one paced wake-up pending ("waking"): every confirm calls pump, and scheduling a
+        # new timer from each would leave one more timer chain per message, all firing at every due
+        # time (the publisher thread's work, and so the listener's GIL waits, grew through the run).
+        self.waking = False
+        self.channel: Any = None
+        self.conn: Any = None
+
+    def run(self, url: str) -> PublishResult:
+        self.conn = pika.SelectConnection(
+            pika.URLParameters(url),
+            on_open_callback=self.on_open,
+            on_open_error_callback=lambda c, e: c.ioloop.stop(),
+            on_close_callback=lambda c, r: c.ioloop.stop(),
+        )
+        if self.total == 0:
+            return PublishResult({}, time.monotonic(), time.monotonic(), 0)
+        self.conn.ioloop.start()
+        if self.confirmed < self.total:
+            raise RuntimeError(f"publisher stopped after {self.confirmed}/{self.total} confirms")
+        return PublishResult(self.sent_at, self.started, self.finished, self.nacked)
+
+    def outstanding(self) -> int:
+        return self.seq - self.confirmed
+
+    def wake(self) -> None:
+        self.waking = False
+        self.pump()
+
+    def pump(self) -> None:
+        now = time.monotonic()
+        while self.next_index < self.total and self.outstanding() < self.window:
+            if self.must_wait(now):
+                return
+            msg = self.messages[self.next_index]
+            self.sent_at[msg.properties.message_id] = time.monotonic()
+            self.channel.basic_publish(msg.exchange, msg.routing_key, msg.body, msg.properties)
+            self.next_index += 1
+            self.seq += 1
+            now = time.monotonic()
+
+    def must_wait(self, now: float) -> bool:
+        """Whether pacing holds the next message back (a wake-up is then pending for it)."""
+        if self.rate is None:
+            return False
+        due = self.started + self.next_index / self.rate
+        if due <= now:
+            return False
+        if not self.waking:
+            self.waking = True
+            self.conn.ioloop.call_later(max(0.0, due - now), self.wake)
+        return True
+
+    def on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = self.confirmed
+        count = method.delivery_tag - acked if method.multiple else 1
+        if isinstance(method, pika.spec.Basic.Nack):
+            self.nacked += count
+        self.confirmed = method.delivery_tag if method.multiple else acked + 1
+        if self.on_progress:
+            self.on_progress(self.confirmed)
+        if self.confirmed >= self.total:
+            self.finished = time.monotonic()
+            self.conn.close()
+        else:
+            self.pump()
+
+    def on_channel(self, ch: Any) -> None:
+        self.channel = ch
+        ch.confirm_delivery(self.on_confirm)
+        self.started = time.monotonic()
+        self.pump()
+
+    def on_open(self, c: Any) -> None:
+        c.channel(on_open_callback=self.on_channel)
+
+
 def publish_async(
     url: str,
     messages: Sequence[Outgoing],
@@ -325,76 +424,7 @@ def publish_async(
     on_progress: Callable[[int], None] | None = None,
 ) -> PublishResult:
     """Publish with publisher confirms, keeping up to `window` unconfirmed; optionally paced at `rate`/s."""
-    sent_at: dict[str, float] = {}
-    state = {"next": 0, "confirmed": 0, "nacked": 0, "seq": 0, "started": 0.0, "finished": 0.0, "waking": 0}
-    params = pika.URLParameters(url)
-    total = len(messages)
-    channel_box: dict[str, Any] = {}
-
-    def outstanding() -> int:
-        return state["seq"] - state["confirmed"]
-
-    # At most one paced wake-up pending ("waking"): every confirm calls pump, and scheduling a
-    # new timer from each would leave one more timer chain per message, all firing at every due
-    # time (the publisher thread's work, and so the listener's GIL waits, grew through the run).
-    def wake() -> None:
-        state["waking"] = 0
-        pump()
-
-    def pump() -> None:
-        ch = channel_box["ch"]
-        now = time.monotonic()
-        while state["next"] < total and outstanding() < window:
-            if rate is not None:
-                due = state["started"] + state["next"] / rate
-                if due > now:
-                    if not state["waking"]:
-                        state["waking"] = 1
-                        conn.ioloop.call_later(max(0.0, due - now), wake)
-                    return
-            msg = messages[state["next"]]
-            sent_at[msg.properties.message_id] = time.monotonic()
-            ch.basic_publish(msg.exchange, msg.routing_key, msg.body, msg.properties)
-            state["next"] += 1
-            state["seq"] += 1
-            now = time.monotonic()
-
-    def on_confirm(frame: Any) -> None:
-        method = frame.method
-        acked = state["confirmed"]
-        count = method.delivery_tag - acked if method.multiple else 1
-        if isinstance(method, pika.spec.Basic.Nack):
-            state["nacked"] += count
-        state["confirmed"] = method.delivery_tag if method.multiple else acked + 1
-        if on_progress:
-            on_progress(state["confirmed"])
-        if state["confirmed"] >= total:
-            state["finished"] = time.monotonic()
-            conn.close()
-        else:
-            pump()
-
-    def on_channel(ch: Any) -> None:
-        channel_box["ch"] = ch
-        ch.confirm_delivery(on_confirm)
-        state["started"] = time.monotonic()
-        pump()
-
-    def on_open(c: Any) -> None:
-        c.channel(on_open_callback=on_channel)
-
-    conn = pika.SelectConnection(
-        params,
-        on_open_callback=on_open,
-        on_open_error_callback=lambda c, e: c.ioloop.stop(),
-        on_close_callback=lambda c, r: c.ioloop.stop(),
-    )
-    if total == 0:
-        return PublishResult({}, time.monotonic(), time.monotonic(), 0)
-    conn.ioloop.start()
-    if state["confirmed"] < total:
-        raise RuntimeError(f"publisher stopped after {state['confirmed']}/{total} confirms")
-    return PublishResult(sent_at, state["started"], state["finished"], state["nacked"])
+    return _ConfirmedPublisher(messages, window, rate, on_progress).run(url)
 
 
 def publish_with_bar(
@@ -543,10 +573,8 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            with suppress(Exception):  # a probe failing now and then (API busy) must not end the run
                 self.samples.append((time.monotonic() - self.t0, self.fn()))
-            except Exception:  # a probe failing now and then (API busy) must not end the run
-                pass
             self._stop.wait(self.interval)
 
     def __exit__(self, *_: object) -> None:

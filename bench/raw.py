@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -260,11 +261,19 @@ def ttl_floor(system: System, count: int, ttl_ms: int) -> dict[str, Any]:
 # A raw pipeline: 2 processes doing consume, that SQL, commit, (event), ack, one message at a time
 
 
-def _pipeline_worker(
-    amqp_url: str, dsn: str, queue: str, publish_event: bool, ready: Any, stop: Any, done: Any, cpu_out: Any
-) -> None:
-    db = psycopg2.connect(dsn)
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+@dataclass(frozen=True)
+class _PipelineJob:
+    """What a raw pipeline worker consumes, and what it writes to (picklable: spawned workers)."""
+
+    amqp_url: str
+    dsn: str
+    queue: str
+    publish_event: bool
+
+
+def _pipeline_worker(job: _PipelineJob, ready: Any, stop: Any, done: Any, cpu_out: Any) -> None:
+    db = psycopg2.connect(job.dsn)
+    conn = pika.BlockingConnection(pika.URLParameters(job.amqp_url))
     ch = conn.channel()
     ch.basic_qos(prefetch_count=200)
     events = conn.channel()
@@ -275,7 +284,7 @@ def _pipeline_worker(
         with db.cursor() as cur:
             place_sql(cur, "bench.pipeline", props.message_id, order)
         db.commit()
-        if publish_event:  # the naive relay: one event, its confirm awaited
+        if job.publish_event:  # the naive relay: one event, its confirm awaited
             events.basic_publish(
                 "order.events",
                 "order.created",
@@ -293,7 +302,7 @@ def _pipeline_worker(
         with done.get_lock():
             done.value += 1
 
-    ch.basic_consume(queue, on_message)
+    ch.basic_consume(job.queue, on_message)
     ready.set()
     while not stop.is_set():
         conn.process_data_events(time_limit=0.2)
@@ -311,20 +320,9 @@ class RawPipeline:
         ctx = mp.get_context("spawn")
         self.stop, self.done, self.cpu = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
         readies = [ctx.Event() for _ in range(workers)]
+        job = _PipelineJob(system.amqp_url, system.db.dsn, queue, publish_event)
         self.procs = [
-            ctx.Process(
-                target=_pipeline_worker,
-                args=(
-                    system.amqp_url,
-                    system.db.dsn,
-                    queue,
-                    publish_event,
-                    r,
-                    self.stop,
-                    self.done,
-                    self.cpu,
-                ),
-            )
+            ctx.Process(target=_pipeline_worker, args=(job, r, self.stop, self.done, self.cpu))
             for r in readies
         ]
         for p in self.procs:

@@ -275,9 +275,11 @@ def throughput(ctx: c.Context) -> dict[str, Any]:
     count = ctx.n(20_000, 2_000)
     rng = random.Random(2)
     bodies = [c.order_body(rng, SKUS) for _ in range(count)]
-    with placing_service(ctx, SKUS, 1_000_000, profile_tag="profile-placement") as service:
-        with pyspy(ctx, service.placement_pids[0], "placement"):
-            result = place_and_wait(service, bodies, f"service: {count:,} orders -> order.created")
+    with (
+        placing_service(ctx, SKUS, 1_000_000, profile_tag="profile-placement") as service,
+        pyspy(ctx, service.placement_pids[0], "placement"),
+    ):
+        result = place_and_wait(service, bodies, f"service: {count:,} orders -> order.created")
     if ctx.profile:
         cprofile_summary(c.OUT / "profile-placement.prof", c.OUT / "placement.cprofile.txt")
     floor = ctx.floor
@@ -326,9 +328,11 @@ def latency(ctx: c.Context) -> dict[str, Any]:
     rate = 200
     rng = random.Random(3)
     bodies = [c.order_body(rng, SKUS) for _ in range(rate * seconds)]
-    with placing_service(ctx, SKUS, 1_000_000) as service:
-        with pyspy(ctx, service.placement_pids[0], "placement-200"):
-            result = place_and_wait(service, bodies, f"service at {rate}/s for {seconds}s", rate=rate)
+    with (
+        placing_service(ctx, SKUS, 1_000_000) as service,
+        pyspy(ctx, service.placement_pids[0], "placement-200"),
+    ):
+        result = place_and_wait(service, bodies, f"service at {rate}/s for {seconds}s", rate=rate)
     floor = ctx.floor["pipeline_latency_200"]["latency"]
     lat = result["latency"]
     result["goal_p99_under_50ms"] = (lat["p99_ms"] or 1e9) < 50

@@ -229,6 +229,54 @@ def _bulk_insert(system: System, first: int, last: int, timeout_s: int) -> None:
         conn.commit()
 
 
+class _PendingProgress:
+    """What `pending` samples and polls while its timers wait and fire: the consumer's memory,
+    the queues and the cancellations so far."""
+
+    def __init__(self, system: System, pid: int, count: int, delay_queue: str) -> None:
+        self.system = system
+        self.pid = pid
+        self.count = count
+        self.delay_queue = delay_queue
+        self.timer_rows_end: int | None = None  # the last outbox id once every timer row is written
+        self.first_cancel: float | None = None  # when the first cancellation was seen
+
+    def consumer(self) -> dict[str, Any]:
+        return {"rss_kib": c.rss_kib(self.pid), "cpu_s": c.cpu_seconds(self.pid)}
+
+    # Progress is read from the outbox's last id, which costs nothing: each cancellation
+    # writes two events (order.cancelled, stock.released) after the timer rows. Counting
+    # unpaid orders instead read the whole orders table (263 MB at 1,000,000) at every
+    # sample, evicting from shared_buffers the pages the cancellations update; the exact
+    # count is taken once, at the end.
+    def last_outbox_id(self) -> int:
+        return int(c.scalar(self.system, "SELECT coalesce(max(id), 0) FROM outbox"))
+
+    def cancelled_so_far(self) -> int:
+        if self.timer_rows_end is None:
+            return 0  # still inserting: the timeout is longer than that
+        return max(0, self.last_outbox_id() - self.timer_rows_end) // 2
+
+    def broker(self) -> dict[str, Any]:
+        ready_timeouts = queue_counts(self.system.amqp_url, "order.timeouts")[0]
+        delay = queue_counts(self.system.amqp_url, self.delay_queue)[0]
+        unsent = c.scalar(self.system, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        return {
+            "delay_queue": delay,
+            "timeouts_ready": ready_timeouts,
+            "pending": self.count - self.cancelled_so_far(),
+            "unsent": unsent,
+            "broker_mem": c.broker_memory()["mem_used"],
+        }
+
+    def cancelled(self) -> int:
+        """`cancelled_so_far`, noting when the first cancellation is seen."""
+        done = self.cancelled_so_far()
+        if done and self.first_cancel is None:
+            self.first_cancel = time.monotonic()
+        return done
+
+
 def pending(ctx: c.Context) -> dict[str, Any]:
     count = ctx.pending
     chunk = 50_000
@@ -254,39 +302,10 @@ def pending(ctx: c.Context) -> dict[str, Any]:
         base_mem = c.broker_memory()
         base_rss = c.rss_kib(pid)
         base_db = c.scalar(system, "SELECT pg_database_size(current_database())")
-
-        def probe() -> dict[str, Any]:
-            return {"rss_kib": c.rss_kib(pid), "cpu_s": c.cpu_seconds(pid)}
-
-        # Progress is read from the outbox's last id, which costs nothing: each cancellation
-        # writes two events (order.cancelled, stock.released) after the timer rows. Counting
-        # unpaid orders instead read the whole orders table (263 MB at 1,000,000) at every
-        # sample, evicting from shared_buffers the pages the cancellations update; the exact
-        # count is taken once, at the end.
-        def last_outbox_id() -> int:
-            return int(c.scalar(system, "SELECT coalesce(max(id), 0) FROM outbox"))
-
-        timer_rows_end: list[int] = []  # the last id once every timer row is written
-
-        def cancelled_so_far() -> int:
-            if not timer_rows_end:
-                return 0  # still inserting: the timeout is longer than that
-            return max(0, last_outbox_id() - timer_rows_end[0]) // 2
-
-        def broker_probe() -> dict[str, Any]:
-            ready_timeouts = queue_counts(system.amqp_url, "order.timeouts")[0]
-            delay = queue_counts(system.amqp_url, delay_queue)[0]
-            unsent = c.scalar(system, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-            return {
-                "delay_queue": delay,
-                "timeouts_ready": ready_timeouts,
-                "pending": count - cancelled_so_far(),
-                "unsent": unsent,
-                "broker_mem": c.broker_memory()["mem_used"],
-            }
+        progress = _PendingProgress(system, pid, count, delay_queue)
 
         t0 = time.monotonic()
-        with c.Sampler(probe, 1.0) as rss, c.Sampler(broker_probe, 2.0) as brk:
+        with c.Sampler(progress.consumer, 1.0) as rss, c.Sampler(progress.broker, 2.0) as brk:
             rss.t0 = brk.t0 = t0
             with c.progress() as bar:
                 task = bar.add_task("bulk insert orders + outbox timer rows", total=count, rate="")
@@ -301,7 +320,7 @@ def pending(ctx: c.Context) -> dict[str, Any]:
             with c.pg(system) as conn, conn.cursor() as cur:
                 cur.execute("ANALYZE orders, order_items, stock_locks, order_timeline, outbox, stock")
             inserted = time.monotonic()
-            timer_rows_end.append(last_outbox_id())
+            progress.timer_rows_end = progress.last_outbox_id()
             c.wait_with_bar(
                 "relay: timer rows published",
                 count,
@@ -311,7 +330,7 @@ def pending(ctx: c.Context) -> dict[str, Any]:
                 started=t0,
             )
             relayed = time.monotonic()
-            cancelled_early = cancelled_so_far()
+            cancelled_early = progress.cancelled_so_far()
             time.sleep(3)  # let the queue's counters settle
             at_peak = {
                 "broker": c.broker_memory(),
@@ -321,18 +340,10 @@ def pending(ctx: c.Context) -> dict[str, Any]:
                 "cancelled_before_all_published": cancelled_early,
             }
             c.console.print(f"all {count:,} timers pending: {json.dumps(at_peak)}")
-            first_cancel: list[float] = []
-
-            def cancelled() -> int:
-                done = cancelled_so_far()
-                if done and not first_cancel:
-                    first_cancel.append(time.monotonic())
-                return done
-
             end = c.wait_with_bar(
                 "timers expire: orders cancelled",
                 count,
-                cancelled,
+                progress.cancelled,
                 timeout_s + 7200,
                 interval=1.0,
                 started=t0,
@@ -357,7 +368,7 @@ def pending(ctx: c.Context) -> dict[str, Any]:
                 "count(*) n FROM order_timeline timeline WHERE action = 'PAYMENT_TIMEOUT' GROUP BY 1) x",
             ),
         }
-    cancel_s = end - first_cancel[0] if first_cancel else math.nan
+    cancel_s = end - progress.first_cancel if progress.first_cancel is not None else math.nan
     rss_series = [(t, s["rss_kib"]) for t, s in rss.samples if s["rss_kib"]]
     rss_values = [v for _, v in rss_series]
     # The consumer's RSS once it started cancelling against its RSS while timers were pending.
@@ -386,6 +397,17 @@ def pending(ctx: c.Context) -> dict[str, Any]:
     result["broker_mem_delta_mib"] = (at_peak["broker"]["mem_used"] - base_mem["mem_used"]) / 2**20
     result["ratio_cancel_vs_raw_pipeline"] = c.ratio(result["cancel_per_s"], ctx.floor["pipeline"]["per_s"])
     result["ratio_relay_vs_sync_publish"] = c.ratio(result["relay_per_s"], ctx.floor["publish_sync"]["per_s"])
+    result["table"] = _report_pending(result)
+    c.write_json("pending", result)
+    return result
+
+
+def _report_pending(result: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """Print and plot `pending`'s result; its table's rows."""
+    count = result["pending"]
+    at_peak, final = result["at_peak"], result["final"]
+    base_rss, base_db = result["baseline"]["consumer_rss_kib"], result["baseline"]["db_bytes"]
+    rss_series, broker_samples = result["rss_samples"], result["broker_samples"]
     dq = at_peak["delay_queue"]
     rows = [
         ("pending unpaid orders (all at once)", count, ""),
@@ -424,18 +446,16 @@ def pending(ctx: c.Context) -> dict[str, Any]:
     ]
     c.table(f"5. {count:,} pending timers ({c.noise_note()})", ["measure", "value", "unit"], rows)
     xs = [t for t, _ in rss_series]
-    bt = [t for t, _ in brk.samples]
+    bt = [t for t, _ in broker_samples]
     c.plot_lines(
         "pending",
         f"{count:,} pending payment timers: consumer RSS (MiB), pending orders, queue depths",
         {"consumer RSS (MiB)": (xs, [v / 1024 for _, v in rss_series])},
         "RSS (MiB)",
         secondary={
-            "pending orders": (bt, [s["pending"] for _, s in brk.samples]),
-            "delay queue": (bt, [s["delay_queue"] for _, s in brk.samples]),
+            "pending orders": (bt, [s["pending"] for _, s in broker_samples]),
+            "delay queue": (bt, [s["delay_queue"] for _, s in broker_samples]),
         },
         ylabel2="count",
     )
-    result["table"] = rows
-    c.write_json("pending", result)
-    return result
+    return rows

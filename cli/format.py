@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -77,22 +77,31 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def _utc_iso(value: datetime) -> str:
+    return (value.astimezone(UTC) if value.tzinfo else value).isoformat()
+
+
+def _number(value: Decimal) -> int | float:
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+# What `jsonable` makes of each kind of value, the first that fits (a datetime is a date too).
+_JSONABLE: tuple[tuple[type | tuple[type, ...], Callable[[Any], Any]], ...] = (
+    (datetime, _utc_iso),
+    (date, lambda value: value.isoformat()),
+    (timedelta, lambda value: value.total_seconds()),
+    (Decimal, _number),
+    (bytes, lambda value: value.decode("utf-8", errors="replace")),
+    (Mapping, lambda value: {str(k): jsonable(v) for k, v in value.items()}),
+    ((list, tuple, set), lambda value: [jsonable(v) for v in value]),
+)
+
+
 def jsonable(value: Any) -> Any:
     """Turn database and AMQP values into what JSON can hold (times as ISO 8601 UTC)."""
-    if isinstance(value, datetime):
-        return (value.astimezone(UTC) if value.tzinfo else value).isoformat()
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [jsonable(v) for v in value]
+    for kind, convert in _JSONABLE:
+        if isinstance(value, kind):
+            return convert(value)
     return value
 
 
@@ -152,8 +161,12 @@ def parked_summary(
     delivered_key: str,
     now: datetime,
 ) -> dict[str, Any]:
-    """What an operator needs to know about one parked message, from its properties and headers."""
+    """What an operator needs to know about one parked message, from its properties and headers.
+
+    Every value is text: a hostile message's properties may come back from pika as bytes.
+    """
     headers = headers or {}
+    message_id, message_type = header_text(message_id), header_text(message_type)
     exchange, routing_key = replay_target(headers, message_type, delivered_key)
     parked_at: datetime | None = None
     raw_parked_at = header_text(headers.get(n.PARKED_AT_HEADER))

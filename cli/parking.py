@@ -19,7 +19,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from cli.format import parked_summary, replay_headers, replay_target
-from consumers.amqp import connection_parameters, copy_properties, settle_parked
+from consumers.amqp import allow_deep_headers, connection_parameters, copy_properties, settle_parked
 from domain.names import COMMANDS_EXCHANGE, PARKING_LOT_QUEUE
 from settings import Settings
 
@@ -35,7 +35,8 @@ class Parked:
 
     @property
     def message_id(self) -> str | None:
-        return self.properties.message_id
+        message_id: str | None = self.properties.message_id
+        return message_id
 
     def summary(self, now: datetime) -> dict[str, Any]:
         return parked_summary(
@@ -49,6 +50,7 @@ class Parked:
 
 
 def _connect(settings: Settings) -> pika.BlockingConnection:
+    allow_deep_headers()  # a parked message may carry the hostile header it was parked for
     return pika.BlockingConnection(connection_parameters(settings, "orders-cli parking-lot"))
 
 

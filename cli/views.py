@@ -6,6 +6,7 @@ Every function takes an open connection and returns plain dicts (JSON-ready afte
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -290,24 +291,37 @@ def report(conn: Connection, since: datetime) -> dict[str, Any]:
     }
 
 
-def report_rows(data: dict[str, Any]) -> list[tuple[str, str, str, Any]]:
+ReportRow = tuple[str, str, str, Any]  # (section, key, metric, value)
+
+
+def _long_form(
+    section: str,
+    rows: Sequence[Mapping[str, Any]],
+    key: Callable[[Mapping[str, Any]], str],
+    metrics: tuple[str, ...],
+) -> list[ReportRow]:
+    """Each of `rows` as one line per metric, keyed by `key(row)`."""
+    return [(section, key(row), metric, row[metric]) for row in rows for metric in metrics]
+
+
+def report_rows(data: dict[str, Any]) -> list[ReportRow]:
     """The report in long form (section, key, metric, value): one CSV shape for every section."""
-    out: list[tuple[str, str, str, Any]] = []
+    out: list[ReportRow] = []
     for kind in ("parents", "children"):
-        for row in data["orders"][kind]:
-            for metric in ("orders", "payable", "paid_amount", "refunded_amount"):
-                out.append((f"orders.{kind}", row["status"], metric, row[metric]))
-    for row in data["payments"]:
-        for metric in ("payments", "amount"):
-            out.append(("payments", row["outcome"], metric, row[metric]))
-    for row in data["refunds"]:
-        for metric in ("refunds", "amount"):
-            out.append(("refunds", f"{row['source']}/{row['status']}", metric, row[metric]))
-    for metric, value in data["cancellations"].items():
-        out.append(("cancellations", "all", metric, value))
-    for row in data["reconciliation"]:
-        for metric in ("left", "right", "difference"):
-            out.append(("reconciliation", row["check"], metric, row[metric]))
+        out += _long_form(
+            f"orders.{kind}",
+            data["orders"][kind],
+            lambda row: row["status"],
+            ("orders", "payable", "paid_amount", "refunded_amount"),
+        )
+    out += _long_form("payments", data["payments"], lambda row: row["outcome"], ("payments", "amount"))
+    out += _long_form(
+        "refunds", data["refunds"], lambda row: f"{row['source']}/{row['status']}", ("refunds", "amount")
+    )
+    out += [("cancellations", "all", metric, value) for metric, value in data["cancellations"].items()]
+    out += _long_form(
+        "reconciliation", data["reconciliation"], lambda row: row["check"], ("left", "right", "difference")
+    )
     return out
 
 

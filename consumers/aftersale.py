@@ -29,7 +29,7 @@ from consumers.schemas import (
 from consumers.timers import TimerKind
 from domain.actors import SYSTEM, merchant, user
 from domain.errors import Reason, Refusal
-from domain.names import AFTERSALE_QUEUE, COMMANDS_EXCHANGE, Cmd, Timer
+from domain.names import AFTERSALE_QUEUE, Cmd, Timer
 from domain.status import (
     AFTERSALE_TRANSITIONS,
     ORDER_TRANSITIONS,
@@ -411,13 +411,17 @@ def spec(settings: Settings) -> ConsumerSpec:
         ),
         Cmd.MERCHANT_CANCEL: Route(MerchantCancel, flows.merchant_cancel, announce_refusal),
     }
-    return ConsumerSpec(AFTERSALE_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
+    return ConsumerSpec(AFTERSALE_QUEUE, routes)  # bound from order.commands by its routes' keys
 
 
 def timer_kinds(settings: Settings) -> list[TimerKind]:
     """The timers this module's flows start."""
     flows = AfterSales(settings)
-    return [TimerKind(Timer.AFTERSALE_REVIEW, flows.review_timeout_fired, overdue_reviews)]
+    return [
+        TimerKind(
+            Timer.AFTERSALE_REVIEW, flows.review_timeout_fired, overdue_reviews, delay=flows.review_timeout
+        )
+    ]
 
 
 def refund_followups(settings: Settings) -> dict[str, RefundFollowup]:

@@ -5,6 +5,7 @@ bookkeeping headers)."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,6 +24,19 @@ log = logging.getLogger("consumer")
 
 # Headers the service itself writes on a retried or parked copy.
 SERVICE_WRITTEN = SERVICE_HEADERS | {n.PARKING_REASON_HEADER, n.PARKING_CODE_HEADER, n.PARKED_AT_HEADER}
+
+
+# pika decodes a header table with two Python frames per level: a table nested as deep as a
+# 128 KiB frame allows (about 18,000 levels) must not stop a consumer, or the CLI reading the
+# parking lot, with a RecursionError. Python-to-Python calls take no C stack in 3.11, and the
+# JSON parser is guarded by a depth pre-scan (consumers/wire.py).
+HEADER_DECODE_RECURSION = 50_000
+
+
+def allow_deep_headers() -> None:
+    """Raise this process's recursion limit so that any header a frame can carry decodes."""
+    if sys.getrecursionlimit() < HEADER_DECODE_RECURSION:
+        sys.setrecursionlimit(HEADER_DECODE_RECURSION)
 
 
 def connection_parameters(settings: Settings, name: str) -> pika.URLParameters:

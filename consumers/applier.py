@@ -26,7 +26,7 @@ from consumers.observer import NullObserver, Observer
 from consumers.outcomes import NeedsSavepoints, Outcome, WindowFailed
 from consumers.routes import ConsumerSpec
 from consumers.strategies import OptimisticWindow, SavepointPerMessage
-from store.db import is_transient
+from store.db import database_answers, is_transient
 from store.stock import StockShortfall
 
 log = logging.getLogger("consumer")
@@ -108,14 +108,7 @@ class WindowApplier:
     def database_up(self) -> bool:
         """Whether the database answers at all (a window failing for a transient reason may be
         the window's fault, or the database's: only the second is waited out)."""
-        try:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-            return True
-        except Exception as exc:
-            if is_transient(exc):
-                return False
-            raise
+        return database_answers(self.engine)
 
     def wait_for_database(self, stopping: Callable[[], bool]) -> bool:
         """Sleep (heartbeats going on) with jittered backoff until the database answers; False

@@ -23,6 +23,20 @@ from store.uow import Envelope, UnitOfWork, WriteBuffer, unclaim
 
 
 @dataclass
+class _Batch:
+    """What the messages of one batched window share: its transaction, its time, the message
+    ids it claimed (and has not applied yet), its stock locks, its write buffer and its routes'
+    up-front reads (routing key -> result of `Route.prefetch`)."""
+
+    conn: Connection
+    now: datetime
+    fresh: set[str]
+    stock: WindowStockLocks
+    buffer: WriteBuffer
+    prefetched: dict[str, object]
+
+
+@dataclass
 class BatchedWindow(WindowStrategy):
     """One transaction, no savepoints: dedup rows claimed together, inserts written together."""
 
@@ -39,18 +53,10 @@ class BatchedWindow(WindowStrategy):
         with self.engine.begin() as conn:
             envelopes, fresh = self._claim(conn, window)
             prefetched = self._prefetch(conn, window, window_stock)
+            batch = _Batch(conn, now, fresh, window_stock, buffer, prefetched)
             for parsed, envelope in zip(window, envelopes, strict=True):
                 with self._in_hand(envelope):
-                    outcome = self._apply_buffered(
-                        conn,
-                        parsed,
-                        envelope,
-                        now,
-                        fresh,
-                        window_stock,
-                        buffer,
-                        prefetched.get(envelope.routing_key),
-                    )
+                    outcome = self._apply_buffered(batch, parsed, envelope)
                 if isinstance(outcome, Park) and parsed.rejection is None and envelope.message_id:
                     parked_ids.append(envelope.message_id)
                 outcomes.append(outcome)
@@ -74,25 +80,16 @@ class BatchedWindow(WindowStrategy):
             if (prefetch := self.spec.routes[key].prefetch) is not None
         }
 
-    def _apply_buffered(
-        self,
-        conn: Connection,
-        parsed: Parsed,
-        envelope: Envelope,
-        now: datetime,
-        fresh: set[str],
-        window_stock: WindowStockLocks,
-        buffer: WriteBuffer,
-        prefetched: object | None,
-    ) -> Outcome:
+    def _apply_buffered(self, batch: _Batch, parsed: Parsed, envelope: Envelope) -> Outcome:
+        conn, now, buffer = batch.conn, batch.now, batch.buffer
         own = WriteBuffer()
-        uow = UnitOfWork(conn, envelope, now, window_stock, own)
-        uow.prefetched = prefetched
+        uow = UnitOfWork(conn, envelope, now, batch.stock, own)
+        uow.prefetched = batch.prefetched.get(envelope.routing_key)
         if parsed.rejection is not None:
             return self._park_buffered(uow, buffer, own, *parsed.rejection)
-        if envelope.message_id not in fresh:
+        if envelope.message_id not in batch.fresh:
             return Duplicate()
-        fresh.discard(envelope.message_id)  # a second copy in this window is a duplicate
+        batch.fresh.discard(envelope.message_id)  # a second copy in this window is a duplicate
         route = self.spec.routes[envelope.routing_key]
         assert parsed.command is not None
         try:
@@ -108,7 +105,7 @@ class BatchedWindow(WindowStrategy):
                 UnitOfWork(conn, envelope, now), buffer, WriteBuffer(), park.code, park.reason
             )
         buffer.merge(own)
-        window_stock.keep(uow.stock_reserved)
+        batch.stock.keep(uow.stock_reserved)
         return Applied()
 
     def _park_buffered(

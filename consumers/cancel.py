@@ -13,7 +13,7 @@ Where children exist they are locked before their parent, the order fulfillment 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final
 
 from consumers.common import stock_items
@@ -125,11 +125,15 @@ def fire_payment_timeouts(window: TimerWindow) -> None:
         window.unit(order.order_no).emit(StockReleased(order_no=order.order_no, items=items))
 
 
-def timer_kinds() -> list[TimerKind]:
+def timer_kinds(payment_timeout: timedelta) -> list[TimerKind]:
     """The pay deadline of every placed order (started by placement)."""
     return [
         TimerKind(
-            Timer.PAYMENT_TIMEOUT, fire_payment_timeout, overdue_unpaid, windowed(fire_payment_timeouts)
+            Timer.PAYMENT_TIMEOUT,
+            fire_payment_timeout,
+            overdue_unpaid,
+            windowed(fire_payment_timeouts),
+            delay=payment_timeout,
         )
     ]
 

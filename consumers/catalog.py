@@ -6,7 +6,7 @@ from consumers.events import CouponGranted, SkuUpserted, StockRestocked
 from consumers.routes import ConsumerSpec, Route
 from consumers.schemas import CouponGrant, SkuUpsert, StockRestock
 from domain.errors import ParkCommand, RejectCode
-from domain.names import CATALOG_QUEUE, COMMANDS_EXCHANGE, Cmd
+from domain.names import CATALOG_QUEUE, Cmd
 from settings import Settings
 from store.ports import UnitOfWork
 
@@ -64,4 +64,4 @@ def spec(settings: Settings) -> ConsumerSpec:
         Cmd.STOCK_RESTOCK: Route(StockRestock, restock),
         Cmd.COUPON_GRANT: Route(CouponGrant, grant_coupon),
     }
-    return ConsumerSpec(CATALOG_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
+    return ConsumerSpec(CATALOG_QUEUE, routes)  # bound from order.commands by its routes' keys

@@ -7,7 +7,7 @@ contract (`validate`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -149,54 +149,109 @@ class Routed(Protocol):
     def schema(self) -> type[Command]: ...
 
 
+def _message_id_problem(delivery: Delivery) -> wire.Problem | None:
+    if not delivery.message_id:
+        return RejectCode.MISSING_MESSAGE_ID, "the message has no message_id property"
+    return None
+
+
+def _wire_problem(delivery: Delivery) -> wire.Problem | None:
+    """The wire limits on the properties, the headers, the routing key and the exchange."""
+    return (
+        wire.properties_problem(delivery.properties)
+        or wire.check_text(delivery.routing_key, "routing key")
+        or wire.check_text(delivery.exchange, "exchange")
+    )
+
+
+def _size_problem(delivery: Delivery) -> wire.Problem | None:
+    if len(delivery.body) > n.MAX_BODY_BYTES:
+        return (
+            RejectCode.BODY_TOO_LARGE,
+            f"body is {len(delivery.body)} bytes, over the limit of {n.MAX_BODY_BYTES}",
+        )
+    return None
+
+
+def _content_type_problem(delivery: Delivery) -> wire.Problem | None:
+    content_type = delivery.properties.content_type
+    if content_type and content_type.split(";")[0].strip().lower() != "application/json":
+        return (
+            RejectCode.UNSUPPORTED_CONTENT_TYPE,
+            f"content_type {content_type!r} is not application/json",
+        )
+    return None
+
+
+def _schema_version_problem(delivery: Delivery) -> wire.Problem | None:
+    version = delivery.headers.get(n.SCHEMA_VERSION_HEADER, n.SCHEMA_VERSION)
+    if type(version) is not int or version != n.SCHEMA_VERSION:
+        return (
+            RejectCode.UNSUPPORTED_SCHEMA_VERSION,
+            f"{n.SCHEMA_VERSION_HEADER} is {wire.printable(repr(version), 80)}; "
+            f"only {n.SCHEMA_VERSION} is supported",
+        )
+    return None
+
+
+# What is checked of a delivery before its routing key and body, in order of precedence.
+_ENVELOPE_CHECKS: tuple[Callable[[Delivery], wire.Problem | None], ...] = (
+    _message_id_problem,
+    _wire_problem,
+    _size_problem,
+    _content_type_problem,
+    _schema_version_problem,
+)
+
+
+def _envelope_problem(delivery: Delivery) -> wire.Problem | None:
+    """The first problem `_ENVELOPE_CHECKS` find, if any."""
+    for check in _ENVELOPE_CHECKS:
+        problem = check(delivery)
+        if problem:
+            return problem
+    return None
+
+
+def _object_body(body: bytes) -> tuple[dict[str, Any] | None, wire.Problem | None]:
+    """The body as a JSON object within the wire limits, or the problem with it."""
+    raw, problem = wire.parse_body(body)
+    if problem:
+        return None, problem
+    if not isinstance(raw, dict):
+        return None, (RejectCode.INVALID_JSON, f"body is JSON {type(raw).__name__}, not an object")
+    return raw, None
+
+
+def _command(
+    route: Routed, routing_key: str, raw: dict[str, Any]
+) -> tuple[Command | None, wire.Problem | None]:
+    """The command `raw` is by the route's schema, or the problem with it."""
+    try:
+        return route.schema.model_validate(raw), None
+    except ValidationError as exc:
+        return None, (RejectCode.SCHEMA_INVALID, f"{routing_key}: {describe_errors(exc)}")
+
+
 def validate(delivery: Delivery, routes: Mapping[str, Routed]) -> Parsed:
     """Check a delivery against the contract; a failure carries a code and a readable reason.
 
     Everything here comes before any database work: the wire limits (consumers/wire.py:
     control characters, nesting, message ids) included, so that nothing PostgreSQL would
-    refuse reaches it. Hostile text quoted in a reason is escaped.
+    refuse reaches it. Hostile text quoted in a reason is escaped. The checks, in order of
+    precedence: `_ENVELOPE_CHECKS`, the routing key, the body (`_object_body`), the schema.
     """
-
-    def reject(code: str, reason: str) -> Parsed:
-        return Parsed(delivery, rejection=(code, reason))
-
-    props = delivery.properties
-    if not delivery.message_id:
-        return reject(RejectCode.MISSING_MESSAGE_ID, "the message has no message_id property")
-    problem = (
-        wire.properties_problem(props)
-        or wire.check_text(delivery.routing_key, "routing key")
-        or wire.check_text(delivery.exchange, "exchange")
-    )
+    problem = _envelope_problem(delivery)
     if problem:
-        return reject(*problem)
-    if len(delivery.body) > n.MAX_BODY_BYTES:
-        return reject(
-            RejectCode.BODY_TOO_LARGE,
-            f"body is {len(delivery.body)} bytes, over the limit of {n.MAX_BODY_BYTES}",
-        )
-    if props.content_type and props.content_type.split(";")[0].strip().lower() != "application/json":
-        return reject(
-            RejectCode.UNSUPPORTED_CONTENT_TYPE,
-            f"content_type {props.content_type!r} is not application/json",
-        )
-    version = delivery.headers.get(n.SCHEMA_VERSION_HEADER, n.SCHEMA_VERSION)
-    if type(version) is not int or version != n.SCHEMA_VERSION:
-        return reject(
-            RejectCode.UNSUPPORTED_SCHEMA_VERSION,
-            f"{n.SCHEMA_VERSION_HEADER} is {wire.printable(repr(version), 80)}; "
-            f"only {n.SCHEMA_VERSION} is supported",
-        )
+        return Parsed(delivery, rejection=problem)
     route = routes.get(delivery.routing_key)
     if route is None:
-        return reject(RejectCode.UNKNOWN_ROUTING_KEY, f"no command is named {delivery.routing_key!r}")
-    raw, problem = wire.parse_body(delivery.body)
-    if problem:
-        return reject(*problem)
-    if not isinstance(raw, dict):
-        return reject(RejectCode.INVALID_JSON, f"body is JSON {type(raw).__name__}, not an object")
-    try:
-        command = route.schema.model_validate(raw)
-    except ValidationError as exc:
-        return reject(RejectCode.SCHEMA_INVALID, f"{delivery.routing_key}: {describe_errors(exc)}")
+        reason = f"no command is named {delivery.routing_key!r}"
+        return Parsed(delivery, rejection=(RejectCode.UNKNOWN_ROUTING_KEY, reason))
+    raw, problem = _object_body(delivery.body)
+    if raw is None:
+        return Parsed(delivery, rejection=problem)
+    command, problem = _command(route, delivery.routing_key, raw)
+    if command is None:
+        return Parsed(delivery, rejection=problem)
     return Parsed(delivery, command=command, raw=raw)

@@ -176,7 +176,7 @@ class Prebuilt:
         return self.payload
 
 
-def order_created(
+def order_created(  # noqa: PLR0913  keyword-only, one parameter per OrderCreated field
     *,
     order_no: str,
     status: str,

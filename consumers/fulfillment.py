@@ -27,7 +27,7 @@ from consumers.schemas import (
 from consumers.timers import TimerKind
 from domain.actors import SYSTEM, merchant, user
 from domain.errors import Reason, Refusal
-from domain.names import COMMANDS_EXCHANGE, FULFILLMENT_QUEUE, Cmd, Timer
+from domain.names import FULFILLMENT_QUEUE, Cmd, Timer
 from domain.status import ORDER_TRANSITIONS, OrderAction, OrderType, can
 from settings import Settings
 from store.orders import overdue_receipts
@@ -229,8 +229,6 @@ class Fulfillment:
             )
         )
 
-    # -- order.confirm-receipt and the auto-confirm timer --------------------------------------
-
     # -- order.remark (v1.1) --------------------------------------------------------------------
 
     def remark(self, cmd: OrderRemark, uow: UnitOfWork) -> None:
@@ -248,6 +246,8 @@ class Fulfillment:
             )
         uow.record(order.order_no, REMARK, order.status, order.status, cmd.author, {"text": cmd.text})
         uow.emit(OrderRemarked(order_no=order.order_no, author=cmd.author, text=cmd.text))
+
+    # -- order.confirm-receipt and the auto-confirm timer --------------------------------------
 
     def confirm_receipt(self, cmd: OrderConfirmReceipt, uow: UnitOfWork) -> None:
         """The user confirms receipt of a shipped child: COMPLETED."""
@@ -309,11 +309,13 @@ def spec(settings: Settings) -> ConsumerSpec:
         Cmd.ORDER_CONFIRM_RECEIPT: Route(OrderConfirmReceipt, fulfillment.confirm_receipt, announce_refusal),
         Cmd.ORDER_REMARK: Route(OrderRemark, fulfillment.remark, announce_refusal),
     }
-    return ConsumerSpec(FULFILLMENT_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
+    return ConsumerSpec(FULFILLMENT_QUEUE, routes)  # bound from order.commands by its routes' keys
 
 
 def timer_kinds(settings: Settings) -> list[TimerKind]:
     """The timers this module's flows start."""
     fulfillment = Fulfillment(settings)
     overdue = partial(overdue_receipts, auto_confirm_after=fulfillment.auto_confirm_after)
-    return [TimerKind(Timer.AUTO_CONFIRM, fulfillment.auto_confirm, overdue)]
+    return [
+        TimerKind(Timer.AUTO_CONFIRM, fulfillment.auto_confirm, overdue, delay=fulfillment.auto_confirm_after)
+    ]

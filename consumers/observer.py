@@ -45,6 +45,10 @@ class Observer(Protocol):
         """`component`'s connection was lost to `exc`; it connects again after a pause."""
         ...
 
+    def sweeper_failed(self, kind: str) -> None:
+        """The backstop sweeper could not apply a lost timer of `kind` (it tries again next pass)."""
+        ...
+
 
 class NullObserver:
     """Reports to nobody."""
@@ -70,6 +74,9 @@ class NullObserver:
         pass
 
     def reconnecting(self, component: str, exc: BaseException) -> None:
+        pass
+
+    def sweeper_failed(self, kind: str) -> None:
         pass
 
 

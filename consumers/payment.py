@@ -25,11 +25,11 @@ from consumers.timers import TimerKind
 from domain import pricing, signing
 from domain.actors import PAYMENT_PROVIDER, SYSTEM
 from domain.errors import Reason, Refusal
-from domain.names import COMMANDS_EXCHANGE, PAYMENT_QUEUE, Cmd
+from domain.names import PAYMENT_QUEUE, Cmd
 from domain.status import ORDER_TRANSITIONS, OrderAction, OrderStatus, OrderType, can
 from settings import Settings
 from store.numbers import child_number
-from store.ports import Record, UnitOfWork
+from store.ports import NewPayment, Record, UnitOfWork
 
 
 class PaymentOutcome:
@@ -261,16 +261,16 @@ class PaymentFlows:
 
 def _record_payment(uow: UnitOfWork, cmd: PaymentNotify, outcome: str, once: bool = False) -> bool:
     """The payments row of a notification, all of it refundable; `once`: a known one is kept."""
-    return uow.refunds.add_payment(
-        cmd.payment_no,
-        cmd.order_no,
-        cmd.method,
-        cmd.amount,
-        cmd.paid_at,
-        outcome,
-        dict(uow.envelope.body),
-        once=once,
+    payment = NewPayment(
+        payment_no=cmd.payment_no,
+        order_no=cmd.order_no,
+        method=cmd.method,
+        amount=cmd.amount,
+        paid_at=cmd.paid_at,
+        outcome=outcome,
+        raw=dict(uow.envelope.body),
     )
+    return uow.refunds.add_payment(payment, once=once)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,12 +287,12 @@ def spec(settings: Settings, followups: Mapping[str, RefundFollowup]) -> Consume
         Cmd.ORDER_CANCEL: Route(OrderCancel, cancel.cancel, cancel.refuse_cancel),
         Cmd.REFUND_RESULT: Route(RefundResult, results.refund_result),
     }
-    return ConsumerSpec(PAYMENT_QUEUE, routes, tuple((COMMANDS_EXCHANGE, key) for key in routes))
+    return ConsumerSpec(PAYMENT_QUEUE, routes)  # bound from order.commands by its routes' keys
 
 
 def timer_kinds(settings: Settings) -> list[TimerKind]:
     """The timers this queue's flows answer: the pay deadline of every placed order."""
-    return cancel.timer_kinds()
+    return cancel.timer_kinds(settings.order_payment_timeout)
 
 
 def refund_followups(settings: Settings) -> dict[str, RefundFollowup]:

@@ -8,7 +8,7 @@ from consumers.schemas import OrderPlace
 from domain import pricing
 from domain.actors import user
 from domain.errors import Reason, Refusal
-from domain.names import COMMANDS_EXCHANGE, PLACEMENT_QUEUE, Cmd, Timer
+from domain.names import PLACEMENT_QUEUE, Cmd, Timer
 from domain.status import OrderStatus, OrderType
 from settings import Settings
 from store.numbers import ORDER
@@ -37,7 +37,7 @@ class OrderPlacement:
             raise Refusal(Reason.UNKNOWN_SKU, f"unknown SKU {', '.join(unknown)}")
 
         coupon = uow.coupons.load_for_order(cmd.coupon_code) if cmd.coupon_code else None
-        physical = cmd.order_type == OrderType.PHYSICAL
+        physical = OrderType(cmd.order_type) is OrderType.PHYSICAL
         order_no = uow.orders.next_number(ORDER)
 
         # Lock in SKU order so that two multi-line orders never wait on each other in a cycle.
@@ -148,4 +148,4 @@ def spec(settings: Settings) -> ConsumerSpec:
             OrderPlace, placement.place, placement.refuse, batchable=True, prefetch=PlacementWindow
         )
     }
-    return ConsumerSpec(PLACEMENT_QUEUE, routes, ((COMMANDS_EXCHANGE, Cmd.ORDER_PLACE),))
+    return ConsumerSpec(PLACEMENT_QUEUE, routes)  # bound from order.commands by its routes' keys

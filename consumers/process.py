@@ -10,12 +10,14 @@ acks a consumed message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +38,17 @@ from domain.errors import RejectCode
 from settings import Settings
 
 log = logging.getLogger("consumer")
+
+
+@dataclass
+class _Session:
+    """One connection's consumption: the window applier, the consuming channel (acks), the
+    publisher channel (confirmed retries and parking) and the deliveries in hand, in tag order."""
+
+    applier: WindowApplier
+    channel: BlockingChannel
+    publisher: BlockingChannel
+    buffer: list[Delivery]
 
 
 class ConsumerProcess:
@@ -109,76 +122,88 @@ class ConsumerProcess:
     def _consume(self) -> None:
         connection = pika.BlockingConnection(connection_parameters(self.settings, self.name))
         try:
-            channel = connection.channel()
-            self.declare_topology(channel)
-            prefetch = self.spec.prefetch or self.settings.prefetch
-            channel.basic_qos(prefetch_count=prefetch)
-            publisher = connection.channel()
-            publisher.confirm_delivery()
-            buffer: list[Delivery] = []
-            due_at = self.spec.due_at
-
-            def on_message(
-                _ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes
-            ) -> None:
-                delivery = make_delivery(method, props, body)
-                if due_at is not None:
-                    try:
-                        delivery.due = due_at(delivery)
-                    except Exception:  # unreadable: apply at once, so that validation parks it
-                        log.exception("could not read when a delivery is due")
-                buffer.append(delivery)
-
-            tag = channel.basic_consume(self.spec.queue, on_message, consumer_tag=self.name)
-            log.info("consuming", extra={"prefetch": prefetch})
-            self.observer.consumer_connected(self.spec.queue, True)
-            applier = WindowApplier(
-                self.engine,
-                self.spec,
-                max_attempts=len(self.retry_steps),
-                retry_seconds=self.settings.transient_retry_seconds,
-                sleep=connection.sleep,
-                observer=self.observer,
-            )
-
-            def apply_due() -> tuple[bool, float | None]:
-                """Apply what is due in the buffer as one window; (applied, seconds to the next due).
-
-                A window left unacked (asked to stop during a database outage) ends the
-                consumption: a later window's multiple ack would settle it unapplied.
-                """
-                picked, wait_s = due_window(buffer, datetime.now(UTC), self.settings.prefetch)
-                if picked:
-                    chosen = set(picked)
-                    window = [buffer[i] for i in picked]
-                    buffer[:] = [d for i, d in enumerate(buffer) if i not in chosen]
-                    settled = self._handle_window(
-                        applier, window, channel, publisher, buffer[0].tag if buffer else None
-                    )
-                    if not settled:
-                        buffer.clear()  # unacked: they return to the queue when the channel closes
-                        return False, None
-                return bool(picked), wait_s
-
-            wait = 0.5
-            while not self.stop_event.is_set():
-                connection.process_data_events(time_limit=wait)
-                applied, wait_s = apply_due()
-                if applied:
-                    wait = 0.0 if buffer else 0.5  # more may be due already
-                else:
-                    wait = 0.5 if wait_s is None else min(0.5, max(0.001, wait_s))
-            channel.basic_cancel(tag)
-            # What is due is applied; deliveries not due yet go back to the queue unacked.
-            while apply_due()[0]:
-                pass
+            self._consume_on(connection)
         finally:
             self.observer.consumer_connected(self.spec.queue, False)
             if connection.is_open:
-                try:
+                with contextlib.suppress(pika.exceptions.AMQPError):
                     connection.close()
-                except pika.exceptions.AMQPError:
-                    pass
+
+    def _consume_on(self, connection: pika.BlockingConnection) -> None:
+        """Subscribe on this connection and apply windows until asked to stop (or a window is
+        left unacked); then apply what is due in hand."""
+        channel = connection.channel()
+        self.declare_topology(channel)
+        prefetch = self.spec.prefetch or self.settings.prefetch
+        channel.basic_qos(prefetch_count=prefetch)
+        publisher = connection.channel()
+        publisher.confirm_delivery()
+        buffer: list[Delivery] = []
+        tag = channel.basic_consume(self.spec.queue, self._buffering(buffer), consumer_tag=self.name)
+        log.info("consuming", extra={"prefetch": prefetch})
+        self.observer.consumer_connected(self.spec.queue, True)
+        applier = WindowApplier(
+            self.engine,
+            self.spec,
+            max_attempts=len(self.retry_steps),
+            retry_seconds=self.settings.transient_retry_seconds,
+            sleep=connection.sleep,
+            observer=self.observer,
+        )
+        session = _Session(applier, channel, publisher, buffer)
+        wait = 0.5
+        while not self.stop_event.is_set():
+            connection.process_data_events(time_limit=wait)
+            applied, wait_s = self._apply_due(session)
+            if applied:
+                wait = 0.0 if buffer else 0.5  # more may be due already
+            else:
+                wait = 0.5 if wait_s is None else min(0.5, max(0.001, wait_s))
+        channel.basic_cancel(tag)
+        # What is due is applied; deliveries not due yet go back to the queue unacked.
+        while self._apply_due(session)[0]:
+            pass
+
+    def _buffering(
+        self, buffer: list[Delivery]
+    ) -> Callable[[BlockingChannel, Any, pika.BasicProperties, bytes], None]:
+        """The consumer callback: each delivery goes into `buffer`, with when it is due."""
+        due_at = self.spec.due_at
+
+        def on_message(_ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            delivery = make_delivery(method, props, body)
+            if due_at is not None:
+                try:
+                    delivery.due = due_at(delivery)
+                except Exception:  # unreadable: apply at once, so that validation parks it
+                    log.exception("could not read when a delivery is due")
+            buffer.append(delivery)
+
+        return on_message
+
+    def _apply_due(self, session: _Session) -> tuple[bool, float | None]:
+        """Apply what is due in the buffer as one window; (applied, seconds to the next due).
+
+        A window left unacked (asked to stop during a database outage) ends the
+        consumption: a later window's multiple ack would settle it unapplied.
+        """
+        buffer = session.buffer
+        picked, wait_s = due_window(buffer, datetime.now(UTC), self.settings.prefetch)
+        if picked:
+            chosen = set(picked)
+            window = [buffer[i] for i in picked]
+            buffer[:] = [d for i, d in enumerate(buffer) if i not in chosen]
+            settled = self._handle_window(
+                session.applier,
+                window,
+                session.channel,
+                session.publisher,
+                buffer[0].tag if buffer else None,
+            )
+            if not settled:
+                buffer.clear()  # unacked: they return to the queue when the channel closes
+                return False, None
+        return bool(picked), wait_s
 
     def _handle_window(
         self,

@@ -15,13 +15,14 @@ from typing import Any
 
 from consumers import wire
 from consumers.delivery import Delivery
+from consumers.events import CommandRejected
 from consumers.observer import Observer
 from consumers.outcomes import Park
 from consumers.routes import ConsumerSpec, Route
 from consumers.schemas import Command
-from domain import names as n
 from domain.errors import Refusal
-from store.uow import Envelope, UnitOfWork
+from store.envelope import Envelope
+from store.uow import UnitOfWork
 
 log = logging.getLogger("consumer")
 
@@ -46,7 +47,7 @@ class Refusals:
         """A message that will not be applied: `command.rejected` written through `uow`; the
         message goes to the parking lot once the window commits."""
         log.warning("command rejected", extra={"code": code, "reason": reason})
-        uow.emit(n.Evt.COMMAND_REJECTED, rejected_body(uow.envelope, code, reason))
+        uow.emit(command_rejected(uow.envelope, code, reason))
         uow.flush()
         return Park(code, reason)
 
@@ -61,14 +62,14 @@ def failed_reason(delivery: Delivery, error: str) -> str:
     return f"failed {delivery.attempts + 1} times; last error: {error}"
 
 
-def rejected_body(envelope: Envelope, code: str, reason: str) -> dict[str, Any]:
-    """The body of `command.rejected`: hostile text in it is escaped (JSONB refuses NUL)."""
-    return {
-        "message_id": envelope.message_id,
-        "routing_key": envelope.routing_key,
-        "code": code,
-        "reason": wire.printable(reason, 2000, keep=wire.FREE_TEXT_WHITESPACE),
-    }
+def command_rejected(envelope: Envelope, code: str, reason: str) -> CommandRejected:
+    """`command.rejected` for a message: hostile text in its reason is escaped (JSONB refuses NUL)."""
+    return CommandRejected(
+        message_id=envelope.message_id,
+        routing_key=envelope.routing_key,
+        code=code,
+        reason=wire.printable(reason, 2000, keep=wire.FREE_TEXT_WHITESPACE),
+    )
 
 
 def error_summary(exc: BaseException) -> str:

@@ -14,8 +14,9 @@ from consumers.schemas import Command
 from domain.errors import Refusal
 from domain.names import COMMANDS_EXCHANGE
 from settings import Settings
+from store.envelope import Envelope
+from store.ports import UnitOfWork
 from store.stock import WindowStockLocks
-from store.uow import Envelope, UnitOfWork
 
 # Covariant so that a dict of routes of different commands is a dict of Route[Command]; the
 # consumer hands each route only the commands its own schema parsed.

@@ -128,13 +128,7 @@ class SavepointPerMessage(WindowStrategy):
         route = self.spec.routes[envelope.routing_key]
         for race in (1, 2):
             try:
-                with conn.begin_nested():
-                    uow = UnitOfWork(conn, envelope, now)
-                    if not uow.claim():
-                        return Duplicate()
-                    route.handler(parsed.command, uow)
-                    uow.flush()
-                return Applied()
+                return self._handle_in_savepoint(conn, envelope, now, route, parsed.command)
             except Refusal as refusal:
                 return self._refuse(conn, envelope, now, route, parsed.command, refusal)
             except ParkCommand as park:
@@ -149,6 +143,18 @@ class SavepointPerMessage(WindowStrategy):
                     raise
                 return self._failed(conn, envelope, now, parsed, exc)
         raise AssertionError("unreachable")
+
+    def _handle_in_savepoint(
+        self, conn: Connection, envelope: Envelope, now: datetime, route: Route[Any], command: Command
+    ) -> Outcome:
+        """Claim the message and run its handler in a savepoint (rolled back if either raises)."""
+        with conn.begin_nested():
+            uow = UnitOfWork(conn, envelope, now)
+            if not uow.claim():
+                return Duplicate()
+            route.handler(command, uow)
+            uow.flush()
+        return Applied()
 
     def _refuse(
         self,

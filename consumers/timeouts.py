@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-import metrics
 from consumers import wire
 from consumers.delivery import Delivery
+from consumers.observer import NullObserver, Observer
 from consumers.routes import ConsumerSpec, Route
 from consumers.schemas import TimerFired
 from consumers.timers import TimerKind
@@ -21,6 +21,7 @@ from store.envelope import Envelope
 from store.ports import UnitOfWork
 from store.timers import Database, SweepBatch, Transaction, sweep_batch
 
+NULL_OBSERVER = NullObserver()
 log = logging.getLogger("timeouts")
 SWEEP_BATCH = 500
 
@@ -33,7 +34,7 @@ def _targets(cmd: TimerFired, envelope: Envelope) -> list[tuple[str, Envelope]]:
     ]
 
 
-def _fire(kind: TimerKind) -> Route:
+def _fire(kind: TimerKind) -> Route[TimerFired]:
     def on_timer(cmd: TimerFired, uow: UnitOfWork) -> None:
         if cmd.ref is not None:
             kind.fire(uow, cmd.ref)
@@ -63,17 +64,21 @@ def sweep_envelope(kind: str, ref: str) -> Envelope:
     return Envelope("sweeper", None, f"sweeper:{kind}:{ref}", Timer.fired_key(kind))
 
 
-def sweeper(kinds: list[TimerKind]) -> Callable[[Database, Settings], None]:
+def sweeper(
+    kinds: list[TimerKind], observer: Observer = NULL_OBSERVER
+) -> Callable[[Database, Settings], None]:
     """The backstop: applies timeouts whose timer message never came (queue purged, data lost)."""
 
     def sweep(engine: Database, settings: Settings) -> None:
         for kind in kinds:
-            sweep_kind(engine, settings, kind)
+            sweep_kind(engine, settings, kind, observer)
 
     return sweep
 
 
-def sweep_kind(engine: Database, settings: Settings, kind: TimerKind) -> None:
+def sweep_kind(
+    engine: Database, settings: Settings, kind: TimerKind, observer: Observer = NULL_OBSERVER
+) -> None:
     """One pass over one kind's overdue refs, in batches, each ref in a savepoint of its own.
 
     A ref that fails (any exception) is logged, counted and rolled back to its savepoint; the
@@ -92,7 +97,7 @@ def sweep_kind(engine: Database, settings: Settings, kind: TimerKind) -> None:
             refs = [ref for ref in overdue if ref not in seen]
             for ref in refs:
                 seen.add(ref)
-                outcome = _sweep_one(batch, kind, ref, now)
+                outcome = _sweep_one(batch, kind, ref, now, observer)
                 applied += outcome == "applied"
                 failed += outcome == "failed"
                 skipped += outcome != "applied"
@@ -109,7 +114,7 @@ def sweep_kind(engine: Database, settings: Settings, kind: TimerKind) -> None:
             break
 
 
-def _sweep_one(batch: SweepBatch, kind: TimerKind, ref: str, now: datetime) -> str:
+def _sweep_one(batch: SweepBatch, kind: TimerKind, ref: str, now: datetime, observer: Observer) -> str:
     """Apply one lost timer in a savepoint: "applied", "refused" or "failed" (rolled back)."""
     try:
         batch.apply(sweep_envelope(kind.kind, ref), now, lambda uow: kind.fire(uow, ref))
@@ -119,7 +124,7 @@ def _sweep_one(batch: SweepBatch, kind: TimerKind, ref: str, now: datetime) -> s
         if batch.lost:  # the connection is gone: nothing more can be done in this transaction
             raise
         log.exception("sweeper failed to apply a timer", extra={"kind": kind.kind, "ref": ref})
-        metrics.sweeper_failed(kind.kind)
+        observer.sweeper_failed(kind.kind)
         return "failed"
     return "applied"
 
@@ -140,9 +145,10 @@ def due_at(delivery: Delivery) -> datetime | None:
     return due
 
 
-def spec(settings: Settings, kinds: list[TimerKind]) -> ConsumerSpec:
+def spec(settings: Settings, kinds: list[TimerKind], observer: Observer = NULL_OBSERVER) -> ConsumerSpec:
     """The order.timeouts consumer: a route for each timer kind in `kinds` (gathered by
-    consumers/registry.py from the modules that start them), and their backstop sweeper."""
+    consumers/registry.py from the modules that start them), and their backstop sweeper
+    (reporting to `observer`)."""
     routes = {Timer.fired_key(k.kind): _fire(k) for k in kinds}
     # Bind every timer kind, even one with no handler yet, so fired timers are never unroutable.
     bindings = ((TIMERS_FIRED_EXCHANGE, "timer.#"),)
@@ -150,7 +156,7 @@ def spec(settings: Settings, kinds: list[TimerKind]) -> ConsumerSpec:
         TIMEOUTS_QUEUE,
         routes,
         bindings,
-        periodic=sweeper(kinds),
+        periodic=sweeper(kinds, observer),
         due_at=due_at,
         prefetch=settings.timer_prefetch,
     )

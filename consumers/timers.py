@@ -11,7 +11,8 @@ a timer message was lost.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from store.ports import UnitOfWork
 from store.timers import FireMany, OverdueQuery
@@ -35,3 +36,6 @@ class TimerKind:
     overdue: OverdueQuery
     # Optional: the same effects for a whole window of timers at once (conn, now, [(ref, envelope)]).
     fire_many: FireMany | None = None
+    # How long after its start the timer fires (from settings): topology declares one delay
+    # queue per kind from it.
+    delay: timedelta = field(kw_only=True)

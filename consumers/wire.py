@@ -143,36 +143,38 @@ def _text_problem(text: str, where: str, free_text: bool = False) -> Problem | N
 # Properties and headers
 
 
+def _not_text(value: object, where: str) -> str:
+    """The reason for a value that ought to be text and is not (bytes: not UTF-8)."""
+    if isinstance(value, bytes):
+        return f"{where} is not UTF-8 text: {_quote(value)}"
+    return f"{where} is a {type(value).__name__}, not text"
+
+
 def check_id(value: object, name: str, code: str) -> Problem | None:
     """message_id / correlation_id: at most MAX_ID_CHARS printable characters (None is fine here)."""
     if value is None:
         return None
-    if isinstance(value, bytes):
-        return code, f"{name} is not UTF-8 text: {_quote(value)}"
     if not isinstance(value, str):
-        return code, f"{name} is a {type(value).__name__}, not text"
+        return code, _not_text(value, name)
     if len(value) > MAX_ID_CHARS:
         return code, f"{name} is {len(value)} characters long, over the limit of {MAX_ID_CHARS}"
     if value.isprintable():
         return None  # every message's ids: the reason below is spelled out only for a problem
-    for position, char in enumerate(value):
-        if not char.isprintable():
-            return (
-                code,
-                f"{name} {_quote(value)} contains the non-printable character "
-                f"{_char_name(char)} at position {position}",
-            )
-    return None
+    # Not printable, and so not empty: some character is not printable.
+    position, char = next((i, c) for i, c in enumerate(value) if not c.isprintable())
+    return (
+        code,
+        f"{name} {_quote(value)} contains the non-printable character "
+        f"{_char_name(char)} at position {position}",
+    )
 
 
 def check_text(value: object, where: str) -> Problem | None:
     """A string property or the routing key: UTF-8 text without control characters."""
     if value is None:
         return None
-    if isinstance(value, bytes):
-        return RejectCode.INVALID_PROPERTY, f"{where} is not UTF-8 text: {_quote(value)}"
     if not isinstance(value, str):
-        return RejectCode.INVALID_PROPERTY, f"{where} is a {type(value).__name__}, not text"
+        return RejectCode.INVALID_PROPERTY, _not_text(value, where)
     if not _FORBIDDEN.search(value):
         return None
     return _text_problem(value, f"{where} {_quote(value)}")
@@ -185,13 +187,25 @@ def _header_problem(value: object, path: str, free_text: bool, depth: int) -> Pr
     if isinstance(value, bytes | bytearray):
         # A byte array, or a long string that is not UTF-8: text as far as it decodes.
         value = bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, str) and forbidden_character(value, free_text) is None:
-        return None  # the reason below is spelled out only for a problem
-    where = f"header {printable(path, 200)}"
     if isinstance(value, str):
-        return _text_problem(value, where, free_text)
+        if forbidden_character(value, free_text) is None:
+            return None  # the reason below is spelled out only for a problem
+        return _text_problem(value, _header_where(path), free_text)
+    return _nested_header_problem(value, path, depth)
+
+
+def _header_where(path: str) -> str:
+    return f"header {printable(path, 200)}"
+
+
+def _nested_header_problem(value: object, path: str, depth: int) -> Problem | None:
+    """A header value that is neither a scalar nor text: a table or an array, checked
+    recursively (at most MAX_DEPTH levels deep); anything else is not an AMQP value."""
     if depth >= MAX_DEPTH:
-        return RejectCode.NESTING_TOO_DEEP, f"{where} is nested more than {MAX_DEPTH} levels deep"
+        return (
+            RejectCode.NESTING_TOO_DEEP,
+            f"{_header_where(path)} is nested more than {MAX_DEPTH} levels deep",
+        )
     if isinstance(value, Mapping):
         return headers_problem(value, f"{path}.", depth + 1)
     if isinstance(value, list | tuple):
@@ -200,7 +214,7 @@ def _header_problem(value: object, path: str, free_text: bool, depth: int) -> Pr
             if problem:
                 return problem
         return None
-    return RejectCode.INVALID_PROPERTY, f"{where} has a value of type {type(value).__name__}"
+    return RejectCode.INVALID_PROPERTY, f"{_header_where(path)} has a value of type {type(value).__name__}"
 
 
 def headers_problem(headers: Mapping[Any, Any], prefix: str = "", depth: int = 0) -> Problem | None:
@@ -331,6 +345,20 @@ def nested_deeper_than(text: str, limit: int) -> bool:
     return False
 
 
+def _loads(text: str) -> tuple[Any, Problem | None]:
+    """`text` parsed as JSON, or what the parser refused in it (NaN, 1e999, too deep, ...)."""
+    try:
+        return json.loads(text, parse_constant=_constant, parse_float=_finite), None
+    except RecursionError:
+        return None, (RejectCode.NESTING_TOO_DEEP, f"body is nested more than {MAX_DEPTH} levels deep")
+    except json.JSONDecodeError as exc:
+        return None, (RejectCode.INVALID_JSON, f"body is not UTF-8 JSON: {exc}")
+    except _NotJson as exc:  # NaN/Infinity, 1e999
+        return None, (RejectCode.INVALID_JSON, f"body is not JSON the service can store: {exc}")
+    except ValueError:  # int() refuses over 4,300 digits (sys.get_int_max_str_digits)
+        return None, (RejectCode.INVALID_JSON, "body has an integer of more digits than can be read")
+
+
 def parse_body(body: bytes) -> tuple[Any, Problem | None]:
     """The body as JSON within the limits, or the problem with it.
 
@@ -345,16 +373,9 @@ def parse_body(body: bytes) -> tuple[Any, Problem | None]:
         # Before the parser: its recursion must never depend on the interpreter's limit
         # (the consumers raise it so that pika can decode any header table a frame can hold).
         return None, (RejectCode.NESTING_TOO_DEEP, f"body is nested more than {MAX_DEPTH} levels deep")
-    try:
-        value = json.loads(text, parse_constant=_constant, parse_float=_finite)
-    except RecursionError:
-        return None, (RejectCode.NESTING_TOO_DEEP, f"body is nested more than {MAX_DEPTH} levels deep")
-    except json.JSONDecodeError as exc:
-        return None, (RejectCode.INVALID_JSON, f"body is not UTF-8 JSON: {exc}")
-    except _NotJson as exc:  # NaN/Infinity, 1e999
-        return None, (RejectCode.INVALID_JSON, f"body is not JSON the service can store: {exc}")
-    except ValueError:  # int() refuses over 4,300 digits (sys.get_int_max_str_digits)
-        return None, (RejectCode.INVALID_JSON, "body has an integer of more digits than can be read")
+    value, problem = _loads(text)
+    if problem is not None:
+        return None, problem
     if "\\" not in text and not _C1.search(text) and text.count("[") + text.count("{") <= MAX_DEPTH:
         # The parser refuses raw control characters below U+0020 in strings: without an escape
         # or a C1 character no string can hold one, and so few brackets cannot nest too deep.

@@ -137,7 +137,7 @@ class ConfirmedPublisher:
         self.outstanding: dict[int, str] = {}  # delivery tag -> message_id
         self.nacked: set[str] = set()
         self.returned: set[str] = set()
-        self.channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm)  # noqa: SLF001
+        self.channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm)
         self.channel.add_on_return_callback(self._on_return)
 
     def publish(
@@ -148,7 +148,7 @@ class ConfirmedPublisher:
         self.next_tag += 1
         # Straight to the underlying channel: the frames are buffered and go out together when
         # `wait` runs the connection's I/O (the blocking channel would flush after every message).
-        self.channel._impl.basic_publish(exchange, routing_key, body, props, mandatory=True)  # noqa: SLF001
+        self.channel._impl.basic_publish(exchange, routing_key, body, props, mandatory=True)
 
     def wait(self, timeout: float) -> tuple[set[str], set[str]]:
         """Process I/O until every publish is confirmed; returns (nacked, returned) message ids.
@@ -159,7 +159,7 @@ class ConfirmedPublisher:
         deadline = time.monotonic() + timeout
         # Wait on the connection's own I/O loop until the last confirm is in (pika's
         # process_data_events would only return early for events dispatched to the blocking layer).
-        self.connection._flush_output(lambda: not self.outstanding or time.monotonic() > deadline)  # noqa: SLF001
+        self.connection._flush_output(lambda: not self.outstanding or time.monotonic() > deadline)
         if self.outstanding:
             raise TimeoutError(f"{len(self.outstanding)} publisher confirms did not arrive")
         # Returns are dispatched by the blocking channel; give them their turn too.

@@ -45,11 +45,15 @@ class SqlAfterSales:
         return numbers.next_number(self.conn, numbers.AFTERSALE, self.uow.now)
 
     def refundable(self, order: Record) -> int:
-        """What may still be refunded on an order: paid, less refunded, pending refunds and open
-        claims; and never more than what remains of its payment once every other claim on that
-        payment (the parent's cancellation, the other children's after-sales) is counted."""
+        """What may still be refunded on an order: paid, less refunded, pending refunds of its
+        payment and open claims; and never more than what remains of its payment once every
+        other claim on that payment (the parent's cancellation, the other children's after-sales)
+        is counted."""
         refunds = self.uow.refunds
-        pending = sum(int(r.amount) for r in refunds.open_for([order.order_no]))
+        # Only refunds of the order's own payment: a late or refused payment's refund returns
+        # another payment's money and takes nothing from this order's share.
+        own_payment = [r for r in refunds.open_for([order.order_no]) if r.payment_no == order.payment_no]
+        pending = sum(int(r.amount) for r in own_payment)
         claimed = self.conn.execute(
             select(func.coalesce(func.sum(t.aftersales.c.amount), 0)).where(
                 t.aftersales.c.order_no == order.order_no, t.aftersales.c.status.in_(UNREFUNDED_OPEN)

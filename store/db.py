@@ -33,3 +33,15 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def database_answers(engine: Engine) -> bool:
+    """Whether the database answers at all; False only for a transient failure (down, unreachable)."""
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+    except Exception as exc:
+        if is_transient(exc):
+            return False
+        raise

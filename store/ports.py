@@ -1,7 +1,7 @@
 """What a handler may ask of the database: the unit of work and its repositories, as protocols.
 
 Handlers in consumers/ are written against these protocols only. store/ implements them on
-PostgreSQL (store/uow.py `SqlUnitOfWork` and the repositories beside it); testing/fakes/
+PostgreSQL (store/uow.py `UnitOfWork` and the repositories beside it); testing/fakes/
 implements them in memory (`FakeUnitOfWork`), so that every handler and timer flow can be
 unit-tested in milliseconds. A repository reads and writes; it never decides what to announce:
 events are the handler's, built from consumers/events.py and passed to `UnitOfWork.emit`.
@@ -81,7 +81,6 @@ class UnitOfWork(Protocol):
         """Append a line to the order's timeline (the operation log)."""
 
 
-
 class TimerWindow(Protocol):
     """A window of due timers of one kind applied together, set-based (TimerKind.fire_many):
     one unit of work per timer (its own envelope: correlation id, timeline message id), all in
@@ -93,6 +92,7 @@ class TimerWindow(Protocol):
 
     def unit(self, ref: str) -> UnitOfWork:
         """The unit of work of the timer `ref`."""
+
 
 class AfterSales(Protocol):
     """After-sales and merchant cancellations (store/aftersales.py, testing/fakes/aftersales.py)."""
@@ -288,6 +288,18 @@ class NewRefund(NamedTuple):
     created: bool
 
 
+class NewPayment(NamedTuple):
+    """A payment to record (`Refunds.add_payment`): the provider's notification, as received."""
+
+    payment_no: str
+    order_no: str
+    method: str
+    amount: int
+    paid_at: datetime
+    outcome: str
+    raw: dict[str, Any]  # the notification's body
+
+
 class Refunds(Protocol):
     """Refunds, payments and what remains refundable of each payment (store/refunds.py,
     testing/fakes/refunds.py). Every refund claims its amount from its payment's balance."""
@@ -324,16 +336,6 @@ class Refunds(Protocol):
     def payment(self, payment_no: str) -> Record | None:
         """The recorded payment of this number, if any."""
 
-    def add_payment(
-        self,
-        payment_no: str,
-        order_no: str,
-        method: str,
-        amount: int,
-        paid_at: datetime,
-        outcome: str,
-        raw: dict[str, Any],
-        once: bool = False,
-    ) -> bool:
+    def add_payment(self, payment: NewPayment, once: bool = False) -> bool:
         """Record a payment, all of it refundable; `once`: a known payment number is left as it
         is (False). Without `once` a duplicate is an IntegrityError."""

@@ -14,8 +14,7 @@ handlers (consumers/refunds.py `request_refund`, `retry_refund`) log and announc
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -24,7 +23,7 @@ from domain.errors import Reason, Refusal
 from domain.status import AfterSaleStatus, RefundAction, RefundStatus, next_refund_status
 from store import numbers
 from store import tables as t
-from store.ports import NewRefund, Record
+from store.ports import NewPayment, NewRefund, Record
 
 if TYPE_CHECKING:
     from store.uow import UnitOfWork
@@ -179,30 +178,10 @@ class SqlRefunds:
         """The recorded payment of this number, if any."""
         return self.conn.execute(select(t.payments).where(t.payments.c.payment_no == payment_no)).first()
 
-    def add_payment(
-        self,
-        payment_no: str,
-        order_no: str,
-        method: str,
-        amount: int,
-        paid_at: datetime,
-        outcome: str,
-        raw: dict[str, Any],
-        once: bool = False,
-    ) -> bool:
+    def add_payment(self, payment: NewPayment, once: bool = False) -> bool:
         """Record a payment, all of it refundable. `once`: a payment number already recorded is
         left as it is (False returned); otherwise it is an IntegrityError, as any duplicate key."""
-        values = {
-            "payment_no": payment_no,
-            "order_no": order_no,
-            "method": method,
-            "amount": amount,
-            "paid_at": paid_at,
-            "outcome": outcome,
-            "refundable": amount,
-            "raw": raw,
-            "received_at": self.uow.now,
-        }
+        values = {**payment._asdict(), "refundable": payment.amount, "received_at": self.uow.now}
         if once:
             return bool(
                 self.conn.execute(pg_insert(t.payments).values(**values).on_conflict_do_nothing()).rowcount

@@ -44,11 +44,13 @@ def timer_routing_key(kind: str, delay: timedelta) -> str:
 
 
 class UnitOfWork:
-    """Effects of one message inside the caller's transaction (or savepoint).
+    """Effects of one message inside the caller's transaction (or savepoint), on PostgreSQL.
 
-    Handlers read and write through `conn`, announce events with `emit`, schedule timers
-    with `start_timer` and write the order timeline with `record`. Nothing reaches the broker
-    until the transaction commits and the relay publishes the outbox rows.
+    It implements store.ports.UnitOfWork: handlers read and write through its repositories
+    (`orders`, `stock`, `coupons`, `catalog`, `refunds`, `aftersales`), announce events with
+    `emit`, schedule timers with `start_timer` and write the order timeline with `record`. The
+    consumer loop alone uses `conn`, `claim`, `flush` and the window's write buffer. Nothing
+    reaches the broker until the transaction commits and the relay publishes the outbox rows.
     """
 
     def __init__(
@@ -103,15 +105,9 @@ class UnitOfWork:
         """Insert the dedup row; False when this consumer already applied this message id."""
         return self.envelope.message_id in claim_all(self.conn, self.envelope.consumer, [self.envelope])
 
-    def emit(self, event: EventLike | str, body: Mapping[str, Any] | None = None) -> None:
-        """Announce an event on order.events (published after commit).
-
-        TRANSITION (issue 16): `emit(Evt.X, {...})` is the old form, being replaced by typed events.
-        """
-        if isinstance(event, str):
-            name, payload = event, dict(body or {})
-        else:
-            name, payload = event.name, event.body()
+    def emit(self, event: EventLike) -> None:
+        """Announce an event on order.events (published after commit)."""
+        name, payload = event.name, event.body()
         self.outgoing.append(OutboxRow(EVENTS_EXCHANGE, name, payload, correlation_id=self.correlation_id))
 
     def start_timer(self, kind: str, ref: str, delay: timedelta, **extra: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import threading
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+from pydantic import ValidationError
 
+from consumers.events import EVENTS
 from domain.names import EVENTS_EXCHANGE
 
 AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
@@ -51,10 +54,8 @@ def create_vhost(name: str) -> None:
 
 
 def delete_vhost(name: str) -> None:
-    try:
+    with contextlib.suppress(urllib.error.HTTPError):
         rabbit_api("DELETE", f"/vhosts/{urllib.parse.quote(name, safe='')}")
-    except urllib.error.HTTPError:
-        pass
 
 
 def queue_info(vhost: str, queue: str) -> dict[str, Any]:
@@ -98,12 +99,27 @@ class Event:
     properties: pika.BasicProperties
 
 
+def off_contract(event: Event) -> str | None:
+    """Why an event on order.events does not match its typed model (None when it does)."""
+    model = EVENTS.get(event.routing_key)
+    if model is None:
+        return f"{event.routing_key}: no event of that name in consumers/events.py"
+    try:
+        model.model_validate(event.body)
+    except ValidationError as exc:
+        return f"{event.routing_key}: {exc.errors(include_url=False)} in {event.body}"
+    return None
+
+
 @dataclass
 class EventListener:
     """Collects every event published to order.events in the vhost, on a background thread."""
 
     url: str
     events: list[Event] = field(default_factory=list)
+    # Events that do not match their model in consumers/events.py (name: why): the contract's
+    # typed events are the only shapes the service may publish.
+    off_contract: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _stop: threading.Event = field(default_factory=threading.Event)
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -125,8 +141,12 @@ class EventListener:
                 ch.queue_bind(queue, EVENTS_EXCHANGE, "#")
 
                 def on_message(_ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+                    event = Event(method.routing_key, json.loads(body), props)
+                    problem = off_contract(event)
                     with self._cond:
-                        self.events.append(Event(method.routing_key, json.loads(body), props))
+                        self.events.append(event)
+                        if problem:
+                            self.off_contract.append(problem)
                         self._cond.notify_all()
 
                 ch.basic_consume(queue, on_message, auto_ack=True)

@@ -64,16 +64,16 @@ class _Connection:
 
     __slots__ = (
         "client",
-        "upstream",
-        "connecting",
-        "to_upstream",
-        "to_client",
         "client_eof",
-        "upstream_eof",
         "client_shut",
-        "upstream_shut",
-        "registered",
         "closed",
+        "connecting",
+        "registered",
+        "to_client",
+        "to_upstream",
+        "upstream",
+        "upstream_eof",
+        "upstream_shut",
     )
 
     def __init__(self, client: socket.socket, upstream: socket.socket) -> None:

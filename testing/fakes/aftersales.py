@@ -42,7 +42,10 @@ class FakeAfterSales:
 
     def refundable(self, order: Record) -> int:
         refunds = self.uow.refunds
-        pending = sum(int(r.amount) for r in refunds.open_for([order.order_no]))
+        # Only refunds of the order's own payment: a late or refused payment's refund returns
+        # another payment's money and takes nothing from this order's share.
+        own_payment = [r for r in refunds.open_for([order.order_no]) if r.payment_no == order.payment_no]
+        pending = sum(int(r.amount) for r in own_payment)
         claimed = sum(
             int(a.amount)
             for a in self.db.rows(AFTERSALES, lambda a: a.status in UNREFUNDED_OPEN, order_no=order.order_no)

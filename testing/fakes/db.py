@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Column, Integer, Table
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from store import tables as t
@@ -59,6 +60,13 @@ class VirtualClock:
 def _fresh(value: Any) -> Any:
     """A value as a read returns it: JSON containers copied, everything else (immutable) as it is."""
     return copy.deepcopy(value) if isinstance(value, dict | list) else value
+
+
+# The JSONB columns of each table: the only values of a row that can be changed in place.
+_JSON_COLUMNS: dict[str, tuple[str, ...]] = {
+    table.name: tuple(c.name for c in table.c if isinstance(c.type, JSONB))
+    for table in t.metadata.sorted_tables
+}
 
 
 class Record:
@@ -106,7 +114,17 @@ class Record:
         return f"Record[{self._table}]({inner})" if self._table else f"Record({inner})"
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
-        return Record(self._table, **{k: _fresh(v) for k, v in self._values.items()})
+        # The hot path of every read: only JSON columns hold anything mutable.
+        copied = object.__new__(Record)
+        object.__setattr__(copied, "_table", self._table)
+        values = dict(self._values)
+        json_columns = _JSON_COLUMNS.get(self._table) if self._table is not None else None
+        for column in json_columns if json_columns is not None else list(values):
+            value = values[column]
+            if isinstance(value, dict | list):
+                values[column] = copy.deepcopy(value)
+        object.__setattr__(copied, "_values", values)
+        return copied
 
     def __copy__(self) -> Record:
         return self.__deepcopy__({})
@@ -391,16 +409,10 @@ class FakeDatabase:
         for column in info.not_null:
             if values[column] is None:
                 raise NotNullViolation(table, column)
-        rows = self._table(table)
-        indexes = self._state.keys[table]
         pk = info.primary_key_of(values)
         old_pk = info.primary_key_of(old._values) if old is not None else None
-        if pk != old_pk and pk in rows:
-            raise DuplicateKey(table, info.uniques[0].name, dict(zip(info.primary_key, pk, strict=True)))
-        keys = [unique.key(values) for unique in info.uniques[1:]]
-        for unique, index, key in zip(info.uniques[1:], indexes, keys, strict=True):
-            if key is not None and index.get(key, old_pk) != old_pk:
-                raise DuplicateKey(table, unique.name, dict(zip(unique.columns, key, strict=True)))
+        keys = self._check_keys(table, values, pk, old_pk)
+        indexes = self._state.keys[table]
         if old is not None:
             for unique, index in zip(info.uniques[1:], indexes, strict=True):
                 old_key = unique.key(old._values)
@@ -409,12 +421,26 @@ class FakeDatabase:
         for index, key in zip(indexes, keys, strict=True):
             if key is not None:
                 index[key] = pk
+        rows = self._table(table)
         if old_pk is None or pk == old_pk:
             rows[pk] = new  # a replaced row keeps its place
         else:  # a new primary key: the row keeps its place all the same
             self._state.tables[table] = {
                 (pk if k == old_pk else k): (new if k == old_pk else r) for k, r in rows.items()
             }
+
+    def _check_keys(
+        self, table: str, values: Mapping[str, Any], pk: tuple[Any, ...], old_pk: tuple[Any, ...] | None
+    ) -> list[tuple[Any, ...] | None]:
+        """The row's unique keys (past the primary key); DuplicateKey when another row holds one."""
+        info = TABLES[table]
+        if pk != old_pk and pk in self._table(table):
+            raise DuplicateKey(table, info.uniques[0].name, dict(zip(info.primary_key, pk, strict=True)))
+        keys = [unique.key(values) for unique in info.uniques[1:]]
+        for unique, index, key in zip(info.uniques[1:], self._state.keys[table], keys, strict=True):
+            if key is not None and index.get(key, old_pk) != old_pk:
+                raise DuplicateKey(table, unique.name, dict(zip(unique.columns, key, strict=True)))
+        return keys
 
     def _stored(self, record: Record) -> Record:
         """The stored row a record (a copy) was read from, found by its table's primary key."""

@@ -8,13 +8,12 @@ refund state machine, a failure giving the amount back and a retry or late succe
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from domain.errors import Reason, Refusal
 from domain.status import RefundAction, RefundStatus, next_refund_status
 from store import numbers
-from store.ports import NewRefund, Record
+from store.ports import NewPayment, NewRefund, Record
 from store.refunds import PENDING_REFUNDS, UNREFUNDED_OPEN
 
 if TYPE_CHECKING:
@@ -114,28 +113,8 @@ class FakeRefunds:
     def payment(self, payment_no: str) -> Record | None:
         return self.db.one("payments", payment_no=payment_no)
 
-    def add_payment(
-        self,
-        payment_no: str,
-        order_no: str,
-        method: str,
-        amount: int,
-        paid_at: datetime,
-        outcome: str,
-        raw: dict[str, Any],
-        once: bool = False,
-    ) -> bool:
-        row = {
-            "payment_no": payment_no,
-            "order_no": order_no,
-            "method": method,
-            "amount": amount,
-            "paid_at": paid_at,
-            "outcome": outcome,
-            "refundable": amount,
-            "raw": raw,
-            "received_at": self.uow.now,
-        }
+    def add_payment(self, payment: NewPayment, once: bool = False) -> bool:
+        row = {**payment._asdict(), "refundable": payment.amount, "received_at": self.uow.now}
         if once:
             return self.db.insert_new("payments", row) is not None
         self.db.insert("payments", row)

@@ -173,7 +173,7 @@ class InProcessService:
                 uow = self._uow(envelope)
                 if not uow.claim():
                     return Duplicate()
-                route.handler(parsed.command, uow)  # type: ignore[arg-type]
+                route.handler(parsed.command, uow)
                 return Applied()
             except Refusal as refusal:
                 self.db.restore(savepoint)

@@ -81,15 +81,9 @@ class FakeUnitOfWork:
         }
         return self.db.insert_new("processed_messages", row) is not None
 
-    def emit(self, event: EventLike | str, body: Mapping[str, Any] | None = None) -> None:
-        """Announce an event: (name, body) into db.events, and an outbox row.
-
-        TRANSITION (issue 16), as store/uow.py: `emit(Evt.X, {...})` is the old form.
-        """
-        if isinstance(event, str):
-            name, payload = event, dict(body or {})
-        else:
-            name, payload = event.name, event.body()
+    def emit(self, event: EventLike) -> None:
+        """Announce an event: (name, body) into db.events, and an outbox row."""
+        name, payload = event.name, event.body()
         self.db.events.append((name, payload))
         self.db.insert(
             "outbox",
@@ -121,8 +115,10 @@ class FakeUnitOfWork:
         """store/uow.py's savepoint: another message's unit of work; if the block raises, what
         it did is rolled back (and only that)."""
         saved = self.db.snapshot()
+        one = FakeUnitOfWork(self.db, envelope, self.clock)
+        one.now = self.now
         try:
-            yield FakeUnitOfWork(self.db, envelope, self.clock)
+            yield one
         except BaseException:
             self.db.restore(saved)
             raise

@@ -159,7 +159,7 @@ def test_payment_refused_for_its_amount_is_refunded(system: System, events: Even
 
 def test_failed_refund_gives_its_amount_back(system: System, events: EventListener) -> None:
     # Given a paid child whose merchant cancels it, and the refund fails
-    order, child, merchant, paid = one_child_order(system, events)
+    _order, child, merchant, paid = one_child_order(system, events)
     system.send(Cmd.MERCHANT_CANCEL, {"order_no": child, "merchant_id": merchant, "reason": "no stock"})
     refund = events.one(Evt.REFUND_REQUESTED, order_no=child, reason=Reason.MERCHANT_CANCEL)
     payment_no = payment_of(system, child)["payment_no"]

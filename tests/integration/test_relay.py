@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -112,7 +113,7 @@ def test_timers_reach_their_delay_queue_in_due_order_with_several_relays() -> No
         finally:
             conn.close()
         assert len(dues) == count
-        out_of_order = sum(1 for a, b in zip(dues, dues[1:], strict=False) if b < a)
+        out_of_order = sum(1 for a, b in itertools.pairwise(dues) if b < a)
         assert out_of_order == 0, f"{out_of_order} timers queued behind a later one"
 
 

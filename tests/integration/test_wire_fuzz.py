@@ -101,6 +101,7 @@ def template(key: str) -> dict[str, Any]:
             "detail": "fuzz",
         },
         n.Cmd.ORDER_CONFIRM_RECEIPT: {"order_no": f"o-{u}", "user_id": f"u-{u}"},
+        n.Cmd.ORDER_REMARK: {"order_no": f"o-{u}", "author": f"user:u-{u}", "text": "fuzz"},
         n.Cmd.AFTERSALE_REQUEST: {
             "order_no": f"o-{u}",
             "user_id": f"u-{u}",
@@ -133,8 +134,27 @@ hostile_text = st.one_of(
     st.text(max_size=20),
     st.text(_ODD_CHARS | st.sampled_from("ab-\t\n\r"), min_size=1, max_size=12),
     st.sampled_from(
-        ["\x00", "a\x00b", "\t", "line\nbreak", "\x1b[31m", "\x7f", "\x85", "\ud800", "\udfff", "\u202e"]
-        + ["\ufeff", "\u2028", "x" * 65, "", " ", "订单", "\U0001f600", "\\u0000", "'; DROP TABLE orders;--"]
+        [
+            "\x00",
+            "a\x00b",
+            "\t",
+            "line\nbreak",
+            "\x1b[31m",
+            "\x7f",
+            "\x85",
+            "\ud800",
+            "\udfff",
+            "\u202e",
+            "\ufeff",
+            "\u2028",
+            "x" * 65,
+            "",
+            " ",
+            "订单",
+            "\U0001f600",
+            "\\u0000",
+            "'; DROP TABLE orders;--",
+        ]
     ),
 )
 
@@ -277,7 +297,7 @@ def headers(draw: st.DrawFn, key: str, hostile: bool) -> dict[Any, Any]:
             [*COMMAND_KEYS, *TIMER_KEYS, "x.y", "a\x00b", b"\xff"]
         ),
         n.ORIGINAL_EXCHANGE_HEADER: st.sampled_from(["", n.COMMANDS_EXCHANGE, "nowhere", "a\x00"]),
-        n.ORIGINAL_QUEUE_HEADER: st.sampled_from(QUEUES + ["a\x00"]),
+        n.ORIGINAL_QUEUE_HEADER: st.sampled_from([*QUEUES, "a\x00"]),
         n.ATTEMPTS_HEADER: st.sampled_from([0, 1, 2, 99, -1, 2**63, "1", None]),
         n.LAST_ERROR_HEADER: hostile_text.filter(lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t)),
         n.PARKING_REASON_HEADER: st.just("parked\nbefore"),

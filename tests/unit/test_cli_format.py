@@ -204,3 +204,9 @@ def test_describe_error_on_one_line() -> None:
 
     assert describe_error(Quiet(KeyError("k"))) == "Quiet: KeyError('k')"
     assert describe_error(Quiet()) == "Quiet"
+
+
+def test_parked_summary_of_a_message_whose_properties_are_bytes() -> None:
+    summary = parked_summary(b"m\xff1", b"order.\xffplace", None, {}, "order.parking-lot", NOW)
+    assert summary["message_id"] == "m\ufffd1"
+    assert summary["routing_key"] == "order.\ufffdplace"

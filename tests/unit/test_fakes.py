@@ -3,6 +3,7 @@ snapshot and restore, the virtual clock, and what a fake unit of work writes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from domain.errors import ParkCommand, Reason, Refusal
 from domain.names import Evt
 from settings import Settings
 from store import tables as t
+from store.ports import UnitOfWork
 from testing.fakes.db import EPOCH, TABLES, DuplicateKey, FakeDatabase, NotNullViolation, Record, VirtualClock
 from testing.fakes.service import HandlerFailed, InProcessService
 from testing.fakes.uow import FakeUnitOfWork, new_envelope
@@ -199,7 +201,7 @@ def test_fake_unit_of_work_writes_events_timers_timeline_and_dedup_rows() -> Non
     assert FakeUnitOfWork(db, envelope, clock).claim() is False
     other = new_envelope("order.place", {}, "order.payment", message_id="m1")
     assert FakeUnitOfWork(db, other, clock).claim() is True, "dedup is per consumer"
-    uow.emit(Evt.STOCK_RELEASED, {"order_no": "O1", "items": []})
+    uow.emit(Toy(Evt.STOCK_RELEASED, {"order_no": "O1", "items": []}))
     assert db.events == [("stock.released", {"order_no": "O1", "items": []})]
     (outbox,) = db.rows("outbox")
     assert (outbox.routing_key, outbox.correlation_id) == ("stock.released", "m1")
@@ -238,6 +240,17 @@ def test_typed_events_are_emitted_by_name_and_body() -> None:
 # -- the in-process service's message path, on a toy consumer -------------------------------------
 
 
+@dataclass(frozen=True)
+class Toy:
+    """An event of a toy consumer (store.ports.EventLike), not one of the contract's."""
+
+    name: str
+    payload: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        return dict(self.payload)
+
+
 class Touch(Command):
     order_no: str
     then: str = "apply"  # apply | refuse | park | fail
@@ -246,7 +259,7 @@ class Touch(Command):
 def _toy_service() -> InProcessService:
     def touch(cmd: Touch, uow: Any) -> None:
         uow.record(cmd.order_no, "TOUCH", None, None, "test")
-        uow.emit("order.touched", {"order_no": cmd.order_no})
+        uow.emit(Toy("order.touched", {"order_no": cmd.order_no}))
         uow.start_timer("touch-timeout", cmd.order_no, timedelta(seconds=10))
         if cmd.then == "refuse":
             raise Refusal(Reason.INVALID_STATE, "no")
@@ -256,10 +269,10 @@ def _toy_service() -> InProcessService:
             raise RuntimeError("bug")
 
     def refuse(cmd: Touch, refusal: Refusal, uow: Any) -> None:
-        uow.emit("order.rejected", {"order_no": cmd.order_no, "reason": refusal.reason})
+        uow.emit(Toy("order.rejected", {"order_no": cmd.order_no, "reason": refusal.reason}))
 
     def timeout(cmd: TimerFired, uow: Any) -> None:
-        uow.emit("order.timed-out", {"ref": cmd.ref, "at": uow.now.isoformat()})
+        uow.emit(Toy("order.timed-out", {"ref": cmd.ref, "at": uow.now.isoformat()}))
 
     specs = {
         "toy": ConsumerSpec("toy", {"order.touch": Route(Touch, touch, refuse)}),
@@ -297,11 +310,12 @@ def test_service_parks_what_cannot_be_applied() -> None:
     assert answer.outcome == Park("UNKNOWN_SKU", "later")
     assert answer.names() == ["command.rejected"] and svc.db.timers == []
     assert svc.db.count("processed_messages") == 0, "a parked message may be replayed"
-    for routing_key, body, code in [
+    cases: list[tuple[str, dict[str, Any] | bytes, str]] = [
         ("order.touch", {"then": "apply"}, "SCHEMA_INVALID"),
         ("order.teleport", {"order_no": "O1"}, "UNKNOWN_ROUTING_KEY"),
         ("order.touch", b"{not json", "INVALID_JSON"),
-    ]:
+    ]
+    for routing_key, body, code in cases:
         parked = svc.deliver(routing_key, body, "m2")
         assert isinstance(parked.outcome, Park) and parked.outcome.code == code, parked
     assert svc.deliver("order.touch", {"order_no": "O1"}, None).outcome.code == "MISSING_MESSAGE_ID"  # type: ignore[union-attr]
@@ -354,3 +368,22 @@ def test_unique_keys_follow_updates_deletes_and_restores() -> None:
     db.update(db.rows("refunds")[0], refund_no="R0")
     assert [r.refund_no for r in db.rows("refunds")] == ["R0", "R5"]
     assert db.one("refunds", refund_no="R0") is not None and db.one("refunds", refund_no="R1") is None
+
+
+def test_the_fake_unit_of_work_is_a_unit_of_work() -> None:
+    # mypy checks this assignment against store/ports.py (every repository protocol included)
+    uow: UnitOfWork = FakeUnitOfWork(FakeDatabase(), new_envelope("order.place", {}, "order.placement"))
+    assert uow.correlation_id is not None
+
+
+def test_a_savepoint_rolls_back_only_its_own_effects() -> None:
+    db = FakeDatabase()
+    uow = FakeUnitOfWork(db, new_envelope("timer.x", {}, "order.timeouts", message_id="m1"))
+    uow.emit(Toy("order.kept", {}))
+    with pytest.raises(RuntimeError), uow.savepoint(new_envelope("timer.x", {}, "order.timeouts")) as one:
+        one.emit(Toy("order.lost", {}))
+        raise RuntimeError("refused")
+    with uow.savepoint(new_envelope("timer.x", {}, "order.timeouts", correlation_id="c2")) as two:
+        two.emit(Toy("order.also-kept", {}))
+    assert [name for name, _ in db.events] == ["order.kept", "order.also-kept"]
+    assert [r.correlation_id for r in db.rows("outbox")] == ["m1", "c2"]

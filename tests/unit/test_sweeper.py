@@ -55,9 +55,9 @@ class FakeDb:
 
 
 def run_sweep(db: FakeDb, fire: Any) -> None:
-    kind = TimerKind("payment-timeout", fire, db.overdue)
+    kind = TimerKind("payment-timeout", fire, db.overdue, delay=timedelta(minutes=15))
     settings = Settings(sweeper_grace=timedelta(seconds=1), payment_webhook_secret="x" * 32)
-    timeouts.sweeper([kind])(cast(Engine, db), settings)
+    timeouts.sweeper([kind], metrics.MetricsObserver())(cast(Engine, db), settings)
 
 
 def test_a_failing_ref_does_not_stop_the_others_of_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:

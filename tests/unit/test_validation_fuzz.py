@@ -20,7 +20,7 @@ from consumers.registry import consumer_specs
 from settings import Settings
 
 ROUTES = {key: route for spec in consumer_specs(Settings()).values() for key, route in spec.routes.items()}
-KEYS = sorted(ROUTES) + ["unknown.key", ""]
+KEYS = [*sorted(ROUTES), "unknown.key", ""]
 
 # Text as it comes: control characters, lone surrogates and all.
 hostile_text = st.text(max_size=80) | st.text(

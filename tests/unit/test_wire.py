@@ -49,7 +49,7 @@ def delivery(
 def rejection(d: Delivery) -> tuple[str, str] | None:
     parsed = validate(d, ROUTES)
     if parsed.rejection is not None:
-        code, reason = parsed.rejection
+        _code, reason = parsed.rejection
         # Every reason is safe to store and to put in a header, whatever the message held.
         assert wire.forbidden_character(reason) is None, reason
         assert reason.strip()
@@ -148,7 +148,7 @@ def test_tab_lf_cr_only_in_free_text(char: str) -> None:
 
 
 def test_free_text_fields_are_the_documented_ones() -> None:
-    assert wire.FREE_TEXT_FIELDS == {"reason", "detail", "address", "text"}
+    assert {"reason", "detail", "address", "text"} == wire.FREE_TEXT_FIELDS
     assert wire.FREE_TEXT_WHITESPACE == "\t\n\r"
 
 

@@ -15,6 +15,7 @@ from consumers.refunds import retry_refund
 from domain.errors import Reason, Refusal
 from domain.names import TIMEOUTS_QUEUE, Cmd, Evt, Timer
 from store.envelope import Envelope
+from store.ports import NewPayment
 from testing.fakes.service import InProcessService
 from testing.fakes.uow import FakeUnitOfWork, new_envelope
 from testing.fakes.windows import FakeTimerWindow
@@ -592,5 +593,6 @@ def test_refunds_of_one_payment_never_exceed_it(svc: InProcessService) -> None:
         uow.refunds.claim(None, 1)
     # A payment number recorded once (`once`: a refused payment seen twice is recorded once).
     known = svc.db.one("payments", payment_no=payment_no)
-    assert not uow.refunds.add_payment(payment_no, "O-x", "card", 1, uow.now, "REJECTED", {}, once=True)
+    duplicate = NewPayment(payment_no, "O-x", "card", 1, uow.now, "REJECTED", {})
+    assert not uow.refunds.add_payment(duplicate, once=True)
     assert svc.db.one("payments", payment_no=payment_no) == known

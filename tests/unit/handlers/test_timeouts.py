@@ -186,7 +186,7 @@ def test_a_refused_timer_of_a_merged_message_leaves_the_others() -> None:
         raise AssertionError("the sweeper does not run here")
 
     settings = Settings()
-    kind = TimerKind("toy", fire, never)
+    kind = TimerKind("toy", fire, never, delay=timedelta(minutes=1))
     svc = InProcessService(settings, specs={TIMEOUTS_QUEUE: timeouts.spec(settings, [kind])})
     answer = svc.deliver(
         Timer.fired_key("toy"),
