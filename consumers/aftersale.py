@@ -1,4 +1,5 @@
-"""Queue order.aftersale: after-sale requests and reviews, merchant cancels, and their refund follow-ups."""
+"""Queue order.aftersale: after-sale requests and reviews, and their refund follow-ups (merchant
+cancels, on the same queue, are consumers/merchant_cancel.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,16 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from consumers.common import derive_parent, stock_items
+from consumers import merchant_cancel
+from consumers.common import close_refunded, merchant_of, require_merchant
 from consumers.events import (
     AftersaleApproved,
     AftersaleCompleted,
     AftersaleRejected,
     AftersaleRequested,
-    OrderClosed,
     OrderRejected,
-    StockRestored,
 )
-from consumers.refunds import RefundFollowup, request_refund, retry_refund
+from consumers.refunds import RefundFollowup, request_refund
 from consumers.routes import ConsumerSpec, Route
 from consumers.schemas import (
     AftersaleApprove,
@@ -40,7 +40,7 @@ from domain.status import (
     can,
 )
 from settings import Settings
-from store.aftersales import STEP_CLOSED, STEP_REFUND_REQUESTED, STEP_REFUNDED, overdue_reviews
+from store.aftersales import overdue_reviews
 from store.ports import Record, UnitOfWork
 
 log = logging.getLogger("aftersale")
@@ -49,24 +49,6 @@ REFUND_ONLY = "REFUND_ONLY"
 RETURN_REFUND = "RETURN_REFUND"
 # How a merchant's approval moves an after-sale, by kind.
 APPROVAL = {REFUND_ONLY: AfterSaleAction.APPROVE_REFUND, RETURN_REFUND: AfterSaleAction.APPROVE_RETURN}
-
-
-def merchant_of(uow: UnitOfWork, order: Record) -> str:
-    """The merchant answerable for an order: a child's own, or a virtual order's seller."""
-    if order.merchant_id:
-        return str(order.merchant_id)
-    items = uow.orders.items(order)
-    return str(items[0].merchant_id) if items else ""
-
-
-def require_merchant(aftersale_or_order: Record, merchant_id: str, expected: str) -> None:
-    """Refusal(MERCHANT_MISMATCH) unless the command comes from the merchant answerable."""
-    if merchant_id != expected:
-        raise Refusal(
-            Reason.MERCHANT_MISMATCH,
-            f"merchant {merchant_id} does not sell order {aftersale_or_order.order_no}",
-            order_no=aftersale_or_order.order_no,
-        )
 
 
 def require_open_for_aftersales(order: Record) -> None:
@@ -88,7 +70,7 @@ def lock_claim(uow: UnitOfWork, aftersale_no: str) -> tuple[Record, Record]:
 
 
 class AfterSales:
-    """The reverse flow: after-sale requests, the merchant's review, returns and merchant cancels."""
+    """The reverse flow: after-sale requests, the merchant's review and returns."""
 
     def __init__(self, settings: Settings) -> None:
         self.review_timeout: timedelta = settings.aftersale_review_timeout
@@ -260,119 +242,6 @@ class AfterSales:
         ):
             close_refunded(uow, order, Reason.AFTERSALE)
 
-    # -- merchant.cancel --------------------------------------------------------------------------
-
-    def merchant_cancel(self, cmd: MerchantCancel, uow: UnitOfWork) -> None:
-        """The merchant cancels a paid, unshipped child: the operation record and the refund (once)."""
-        order = uow.orders.require(cmd.order_no)
-        if order.parent_no is None:
-            raise Refusal(
-                Reason.INVALID_STATE,
-                f"order {order.order_no} is not a child order; name the child to cancel",
-                order_no=order.order_no,
-            )
-        require_merchant(order, cmd.merchant_id, merchant_of(uow, order))
-        actor = merchant(cmd.merchant_id)
-        existing = uow.aftersales.load_cancellation(order.order_no)
-        if existing is not None and existing.refund_no:
-            # A repeat: resume rather than start again (a failed refund is submitted once more).
-            retried = retry_refund(uow, existing.refund_no, actor)
-            uow.record(
-                order.order_no,
-                "MERCHANT_CANCEL_REPEATED",
-                order.status,
-                order.status,
-                actor,
-                {"step": existing.step, "refund_no": existing.refund_no, "refund_retried": retried},
-            )
-            return
-        if order.shipped_at is not None:
-            raise Refusal(
-                Reason.ALREADY_SHIPPED, f"order {order.order_no} has shipped", order_no=order.order_no
-            )
-        if not can(ORDER_TRANSITIONS, order.status, OrderAction.MERCHANT_CANCEL):
-            raise Refusal(
-                Reason.INVALID_STATE, f"order {order.order_no} is {order.status}", order_no=order.order_no
-            )
-        # Claims not yet behind a refund are void: the whole remainder is refunded now.
-        for claim in uow.aftersales.open_unrefunded([order.order_no]):
-            uow.aftersales.move(claim, AfterSaleAction.CLOSE, actor)
-        amount = uow.aftersales.refundable(order)
-        if amount <= 0:
-            raise Refusal(
-                Reason.INVALID_STATE,
-                f"order {order.order_no} has nothing left to refund",
-                order_no=order.order_no,
-            )
-        uow.aftersales.create_cancellation(order.order_no, cmd.merchant_id, cmd.reason)
-        uow.record(
-            order.order_no,
-            "MERCHANT_CANCEL_REQUESTED",
-            order.status,
-            order.status,
-            actor,
-            {"reason": cmd.reason, "amount": amount},
-        )
-        refund_no = request_refund(
-            uow,
-            order.order_no,
-            amount,
-            Reason.MERCHANT_CANCEL,
-            order.order_no,
-            actor,
-            payment_no=order.payment_no,
-        )
-        uow.aftersales.advance_cancellation(order.order_no, STEP_REFUND_REQUESTED, actor, refund_no=refund_no)
-
-    def merchant_cancel_refunded(self, uow: UnitOfWork, refund: Record) -> None:
-        """Refund follow-up MERCHANT_CANCEL: refunded -> stock restored -> closed, each step once."""
-        order = uow.orders.load(refund.source_ref)
-        record = uow.aftersales.load_cancellation(refund.source_ref)
-        if record is None or order is None:
-            log.warning("refund of a merchant cancel with no record", extra={"refund_no": refund.refund_no})
-            return
-        if record.step == STEP_REFUND_REQUESTED:
-            uow.aftersales.advance_cancellation(order.order_no, STEP_REFUNDED, SYSTEM)
-        # The ledger guards the restore: a line already restored is never restored twice.
-        moves = uow.stock.restore(
-            order.parent_no or order.order_no, order.order_no if order.parent_no else None
-        )
-        if moves:
-            items = stock_items(moves)
-            uow.record(order.order_no, "STOCK_RESTORED", order.status, order.status, SYSTEM, {"items": items})
-            uow.emit(
-                StockRestored(
-                    order_no=order.order_no,
-                    parent_no=order.parent_no,
-                    reason=Reason.MERCHANT_CANCEL,
-                    items=items,
-                )
-            )
-        if can(ORDER_TRANSITIONS, order.status, OrderAction.REFUND_CLOSE):
-            close_refunded(uow, order, Reason.MERCHANT_CANCEL)
-        if record.step != STEP_CLOSED:
-            uow.aftersales.advance_cancellation(order.order_no, STEP_CLOSED, SYSTEM)
-
-
-def close_refunded(uow: UnitOfWork, order: Record, reason: str) -> None:
-    """REFUND_CLOSE an order (order.closed) and derive its parent."""
-    status = uow.orders.transition(
-        order, OrderAction.REFUND_CLOSE, SYSTEM, {"reason": reason}, closed_at=uow.now
-    )
-    uow.emit(
-        OrderClosed(
-            order_no=order.order_no,
-            parent_no=order.parent_no,
-            user_id=order.user_id,
-            status=status,
-            reason=reason,
-            refunded_amount=order.refunded_amount,
-            closed_at=uow.now.isoformat(),
-        )
-    )
-    derive_parent(uow, order.parent_no, SYSTEM)
-
-
 def announce_refusal(cmd: Command, refusal: Refusal, uow: UnitOfWork) -> None:
     """order.rejected for a refused after-sale or merchant-cancel command, naming the command."""
     aftersale_no = getattr(cmd, "aftersale_no", None)
@@ -409,7 +278,7 @@ def spec(settings: Settings) -> ConsumerSpec:
         Cmd.AFTERSALE_RETURN_RECEIVED: Route(
             AftersaleReturnReceived, flows.return_received, announce_refusal
         ),
-        Cmd.MERCHANT_CANCEL: Route(MerchantCancel, flows.merchant_cancel, announce_refusal),
+        Cmd.MERCHANT_CANCEL: Route(MerchantCancel, merchant_cancel.cancel, announce_refusal),
     }
     return ConsumerSpec(AFTERSALE_QUEUE, routes)  # bound from order.commands by its routes' keys
 
@@ -429,5 +298,5 @@ def refund_followups(settings: Settings) -> dict[str, RefundFollowup]:
     flows = AfterSales(settings)
     return {
         Reason.AFTERSALE: flows.aftersale_refunded,
-        Reason.MERCHANT_CANCEL: flows.merchant_cancel_refunded,
+        Reason.MERCHANT_CANCEL: merchant_cancel.refunded,
     }

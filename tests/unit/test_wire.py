@@ -148,7 +148,7 @@ def test_tab_lf_cr_only_in_free_text(char: str) -> None:
 
 
 def test_free_text_fields_are_the_documented_ones() -> None:
-    assert {"reason", "detail", "address", "text"} == wire.FREE_TEXT_FIELDS
+    assert wire.FREE_TEXT_FIELDS == {"reason", "detail", "address", "text"}  # noqa: SIM300
     assert wire.FREE_TEXT_WHITESPACE == "\t\n\r"
 
 
