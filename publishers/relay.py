@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 import metrics
 from consumers.amqp import connection_parameters
+from consumers.events import EVENTS
 from domain.names import EVENTS_EXCHANGE, TIMERS_EXCHANGE
 from settings import Settings
 
@@ -193,9 +194,20 @@ class OutboxRelay:
         self.engine = engine
         self.settings = settings
         self.poll_seconds = poll_seconds
+        self._warned: set[str] = set()  # event names off the contract, already warned about
         # The application_name its own process's consumer writes under (None: every NOTIFY wakes it).
         self.own_writer = own_writer
         self.name = f"relay@{socket.gethostname()}:{os.getpid()}"
+
+    def _check_contract(self, rows: Sequence[Any]) -> None:
+        """Warn (once per name) about an event on order.events that consumers/events.py does not
+        define: every event the service builds has a typed model, so one without is a row
+        someone wrote by hand. It is published all the same: the outbox row is a promise."""
+        for row in rows:
+            key = row.routing_key
+            if row.exchange == EVENTS_EXCHANGE and key not in EVENTS and key not in self._warned:
+                self._warned.add(key)
+                log.warning("relaying an event the contract does not define", extra={"event": key})
 
     def publish_batch(self, publisher: ConfirmedPublisher, include_failed: bool = False) -> int:
         """Publish a batch of unsent rows, await all their confirms at once, mark them; returns rows sent."""
@@ -216,6 +228,7 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
+            self._check_contract(rows)
             for row in publishing_order(rows):
                 publisher.publish(
                     row.message_id,

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from publishers.relay import HELP_THRESHOLD, properties_for, publishing_order, relayed_writer, wakes
+import pytest
+
+from publishers.relay import (
+    HELP_THRESHOLD,
+    OutboxRelay,
+    properties_for,
+    publishing_order,
+    relayed_writer,
+    wakes,
+)
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
@@ -94,3 +104,21 @@ def test_writers_without_a_relay_of_their_own_wake_every_relay() -> None:
     assert wakes("psql 1", me)
     assert wakes("", me)  # the first migration's trigger sent an empty payload
     assert wakes(f"{relayed_writer(200)} 1", None)  # a relay that knows no writer of its own
+
+
+def test_the_relay_warns_once_about_an_event_the_contract_does_not_define(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = OutboxRelay.__new__(OutboxRelay)
+    relay._warned = set()
+    rows = [
+        SimpleNamespace(exchange="order.events", routing_key="order.created"),
+        SimpleNamespace(exchange="order.events", routing_key="test.ping"),
+        SimpleNamespace(exchange="order.events", routing_key="test.ping"),
+        SimpleNamespace(exchange="order.timers", routing_key="payment-timeout.15m"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        relay._check_contract(rows)
+        relay._check_contract(rows)
+    warned = [r for r in caplog.records if "contract does not define" in r.getMessage()]
+    assert [getattr(r, "event", None) for r in warned] == ["test.ping"]
