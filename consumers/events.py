@@ -223,8 +223,9 @@ def stock_locked(*, order_no: str, items: list[dict[str, Any]]) -> Prebuilt:
 
 @event(Evt.SKU_UPSERTED)
 class SkuUpserted(Event):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     sku: str
-    sku_name: str = Field(serialization_alias="name")  # `name` is the event's routing key
+    sku_name: str = Field(alias="name")  # `name` is the event's routing key
     unit_price: int
     merchant_id: str
     warehouse_id: str
