@@ -48,6 +48,7 @@ from hypothesis.stateful import (
 )
 from pydantic import SecretStr
 
+from consumers.events import EVENTS
 from consumers.outcomes import Applied, Duplicate, Park
 from domain.names import UNROUTED_QUEUE
 from domain.signing import sign
@@ -147,6 +148,13 @@ def said(answer: Answer) -> str:
     return " ".join(sorted(words)) or "nothing"
 
 
+def on_contract(answer: Answer) -> None:
+    """Every event an answer holds is one of the contract's, and fits its typed model."""
+    for name, body in answer.events:
+        assert name in EVENTS, f"event {name} is not in consumers/events.py: {shown(answer)}"
+        EVENTS[name].model_validate(body)
+
+
 class InProcessOrderModel(RuleBasedStateMachine):
     """Commands in any order against the service in memory; its promises checked after each."""
 
@@ -196,6 +204,7 @@ class InProcessOrderModel(RuleBasedStateMachine):
         """I1 in memory: every command is applied (its dedup row written), parked with
         command.rejected, or a duplicate that changed nothing."""
         outcome = answer.outcome
+        on_contract(answer)
         consumer = self.svc.queue_of.get(sent.routing_key, UNROUTED_QUEUE)
         if isinstance(outcome, Applied):
             assert self.db.count("processed_messages", consumer=consumer, message_id=sent.message_id) == 1
@@ -666,6 +675,7 @@ class InProcessOrderModel(RuleBasedStateMachine):
         for answer in self.svc.advance(step):
             assert answer.timer is not None
             assert not isinstance(answer.outcome, Park), f"timer {answer.timer} parked: {shown(answer)}"
+            on_contract(answer)
             self.fired.append(dict(answer.timer))
             self.learn(answer)
             event(f"timer {answer.timer['kind']} -> {said(answer)}")
