@@ -17,7 +17,7 @@ def upsert_sku(cmd: SkuUpsert, uow: UnitOfWork) -> None:
     uow.emit(
         SkuUpserted(
             sku=cmd.sku,
-            sku_name=cmd.name,
+            name=cmd.name,
             unit_price=cmd.unit_price,
             merchant_id=cmd.merchant_id,
             warehouse_id=cmd.warehouse_id,
