@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
+from consumers.registry import consumer_specs
+from settings import Settings
 from testing.broker import EventListener
 from testing.invariants import assert_invariants
 from testing.streams import order_bodies, seed_catalog, wait_settled
-from testing.system import fresh_system
+from testing.system import ROOT, fresh_system
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -38,3 +43,26 @@ def test_signal_mid_stream_exits_zero_and_loses_nothing(sig: int) -> None:
             assert_invariants(system, ids)
         finally:
             events.stop()
+
+
+def test_run_consumer_all_supervises_every_queue_and_stops_them_all() -> None:
+    with fresh_system() as system:
+        # Given `run_consumer.py --all` (what `make run` starts): one child per queue
+        supervisor = subprocess.Popen(
+            [sys.executable, "run_consumer.py", "--all"],
+            cwd=ROOT,
+            env={**os.environ, **system.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            system.wait_consuming(*consumer_specs(Settings()), timeout=60)
+            # When it is told to stop
+            started = time.monotonic()
+            supervisor.send_signal(signal.SIGTERM)
+            # Then every child stops and the supervisor exits 0, promptly
+            assert supervisor.wait(timeout=60) == 0
+            assert time.monotonic() - started < 30
+        finally:
+            if supervisor.poll() is None:
+                supervisor.kill()
