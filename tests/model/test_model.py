@@ -55,6 +55,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from consumers.registry import consumer_specs
 from domain.names import (
     AFTERSALE_QUEUE,
     CATALOG_QUEUE,
@@ -66,6 +67,7 @@ from domain.names import (
     UNROUTED_QUEUE,
 )
 from publishers.commands import CommandPublisher
+from settings import Settings
 from testing.broker import Event, EventListener
 from testing.system import System, fresh_system
 
@@ -90,24 +92,8 @@ CONSUMER_QUEUES = (
     UNROUTED_QUEUE,
 )
 # Which consumer applies (and writes the dedup row of) each command.
-CONSUMER_OF = {
-    "sku.upsert": CATALOG_QUEUE,
-    "stock.restock": CATALOG_QUEUE,
-    "coupon.grant": CATALOG_QUEUE,
-    "order.place": PLACEMENT_QUEUE,
-    "order.cancel": PAYMENT_QUEUE,
-    "payment.notify": PAYMENT_QUEUE,
-    "refund.result": PAYMENT_QUEUE,
-    "order.update-address": FULFILLMENT_QUEUE,
-    "order.ship": FULFILLMENT_QUEUE,
-    "logistics.update": FULFILLMENT_QUEUE,
-    "order.confirm-receipt": FULFILLMENT_QUEUE,
-    "aftersale.request": AFTERSALE_QUEUE,
-    "aftersale.approve": AFTERSALE_QUEUE,
-    "aftersale.reject": AFTERSALE_QUEUE,
-    "aftersale.return-received": AFTERSALE_QUEUE,
-    "merchant.cancel": AFTERSALE_QUEUE,
-}
+# The queue that applies each command, from the composition root (no second list to keep).
+CONSUMER_OF = {key: spec.queue for spec in consumer_specs(Settings()).values() for key in spec.routes}
 RECEIVER = {"name": "Li Lei", "phone": "13800000000", "address": "1 Garden Road, Hangzhou"}
 # Refunds that return a payment the order never took (not part of its paid amount).
 FOREIGN_REFUNDS = ("LATE_PAYMENT", "PAYMENT_REJECTED")
@@ -668,6 +654,20 @@ class OrderServiceModel(RuleBasedStateMachine):
         user_id = self.owner(order) if user == 2 else self.user(user)
         receiver = {**RECEIVER, "address": unique("street")}
         self.send("order.update-address", {"order_no": order, "user_id": user_id, "receiver": receiver})
+
+    @rule(parent=orders, which=st.integers(0, 3), author=st.sampled_from(["buyer", "stranger", "ops"]))
+    def remark(self, parent: str, which: int, author: str) -> None:
+        order = self.member(parent, which)
+        owner = self.owner(order)
+        stranger = next(u for u in [*self.users, "nobody"] if u != owner)
+        by = {"buyer": f"user:{owner}", "stranger": f"user:{stranger}", "ops": "ops:alice"}[author]
+        text = unique("note")
+        answered = self.send("order.remark", {"order_no": order, "author": by, "text": text})
+        kept = of(answered, "order.remarked", order_no=order)
+        if author == "stranger":
+            assert not kept, f"a stranger's remark was kept: {shown(answered)}"
+        else:
+            assert kept == [{"order_no": order, "author": by, "text": text}], shown(answered)
 
     # -- When: after-sales --------------------------------------------------------------------------
 
