@@ -34,7 +34,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,6 +69,7 @@ from domain.names import (
 from publishers.commands import CommandPublisher
 from settings import Settings
 from testing.broker import Event, EventListener
+from testing.model_records import PlacedOrder, Sent, Sku
 from testing.system import System, fresh_system
 
 EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "30"))
@@ -183,38 +184,6 @@ def world(infrastructure: None) -> Iterator[World]:
 
 # --------------------------------------------------------------------------------------------
 # The model
-
-
-@dataclass(frozen=True)
-class Sent:
-    """One command as it went out: enough to send it again with `orders send`."""
-
-    routing_key: str
-    body: dict[str, Any]
-    message_id: str
-
-    def replayable(self) -> dict[str, Any]:
-        return {"routing_key": self.routing_key, "body": self.body, "message_id": self.message_id}
-
-
-@dataclass(frozen=True)
-class Sku:
-    sku: str
-    price: int
-    merchant_id: str
-    warehouse_id: str
-    stock: int
-
-
-@dataclass
-class PlacedOrder:
-    order_no: str
-    user_id: str
-    order_type: str
-    payable: int
-    place: Sent  # the order.place that made it
-    lines: dict[tuple[str, str], int]  # (sku, warehouse) -> quantity
-    children: list[str] = field(default_factory=list)
 
 
 LINES = st.lists(

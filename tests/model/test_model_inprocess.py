@@ -30,7 +30,6 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -56,6 +55,7 @@ from domain.status import OrderStatus, parent_status
 from settings import Settings
 from testing.fakes.db import FakeDatabase, Record
 from testing.fakes.service import Answer, InProcessService
+from testing.model_records import PlacedOrder, Sent, Sku
 
 EXAMPLES = int(os.environ.get("MODEL_INPROCESS_EXAMPLES", "300"))
 STEPS = int(os.environ.get("MODEL_INPROCESS_STEPS", "40"))
@@ -101,36 +101,6 @@ LINES = st.lists(
 )  # (SKU index, quantity)
 COUPON = st.none() | st.integers(0, 1)  # index of one of the user's coupons
 RIGHT = st.sampled_from([True, True, True, False])  # the merchant answerable, or another one
-
-
-@dataclass(frozen=True)
-class Sent:
-    routing_key: str
-    body: dict[str, Any]
-    message_id: str
-
-    def replayable(self) -> dict[str, Any]:
-        return {"routing_key": self.routing_key, "body": self.body, "message_id": self.message_id}
-
-
-@dataclass(frozen=True)
-class Sku:
-    sku: str
-    price: int
-    merchant_id: str
-    warehouse_id: str
-    stock: int
-
-
-@dataclass
-class PlacedOrder:
-    order_no: str
-    user_id: str
-    order_type: str
-    payable: int
-    place: Sent
-    lines: dict[tuple[str, str], int]  # (sku, warehouse) -> quantity
-    children: list[str] = field(default_factory=list)
 
 
 def shown(answer: Answer) -> list[tuple[str, dict[str, Any]]]:
